@@ -1,0 +1,1 @@
+"""nanovlm: a minimal trainer for LLaVA-style video vision-language models."""
