@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -98,11 +99,12 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, frames=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None,
-                 generator=None):
+                 generator=None, distributed=False):
         """prompts: list of 1-D id tensors (VISUAL_TOKEN slots included), frames: all their frames in order.
         Rows are left-padded, each into its own document, so rows of any length decode together with one KV cache.
         Greedy when temperature == 0, else temperature + nucleus (top_p) sampling. Returns one id list per prompt,
-        ending before eos_id."""
+        ending before eos_id. `distributed`: every rank of a sharded model calls this together; they stop together,
+        since each forward gathers parameters from all of them."""
         device = self.lm.embed.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -122,7 +124,10 @@ class VLM(nn.Module):
             out = torch.cat([out, token[:, None]], dim=1)
             if eos_id is not None:
                 done |= token == eos_id
-                if done.all():
+                finished = done.all().float()
+                if distributed:
+                    dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+                if finished.item():
                     break
             x = self.lm.embed(token[:, None])
             position_ids = position_ids[:, -1:] + 1

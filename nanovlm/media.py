@@ -1,0 +1,146 @@
+"""Pixels in: decode video frames and images into normalised (F, 3, S, S) float tensors.
+
+What is notable:
+- Normalisation and input size come from the vision tower's own preprocessor_config.json, so a
+  CLIP tower gets CLIP's mean/std and a SigLIP tower gets SigLIP's, with no flag to forget.
+- Videos are decoded with torchcodec in approximate seek mode (no full-file scan), and only the
+  frames we sample are decoded. WebM stores no frame count, so approximate mode estimates it from
+  the duration; a truncated file decodes fewer frames than claimed. We then count exactly (a scan,
+  only on that rare path) and accept the file if >= 90% of the claimed frames are there.
+- Frame sampling is TSN-style for training (one random frame per equal segment) and segment
+  centres for evaluation. No horizontal flip: Something-Something has left/right classes.
+- Frames are resized *whole* to the square input size: no centre crop, because the motion that
+  defines an action can be at the edge of the frame. The aspect ratio is not kept: for actions the
+  whole field of view matters more than undistorted shapes. Images follow LLaVA instead: pad to
+  square with the mean colour, then resize, so a picture is never cut or squashed.
+- Resizing is antialiased bilinear on uint8 (torch's fast path) for frames and images alike, so a
+  run mixing both sees one pipeline. (CLIP's own processor resizes with bicubic; SigLIP's bilinear.)
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torchcodec.decoders import VideoDecoder
+
+# mean/std used when a tower ships no preprocessor_config.json, by model_type family
+DEFAULT_MEAN_STD = {
+    "siglip": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+}
+
+
+@dataclass(frozen=True)
+class VisionPreprocess:
+    size: int  # square input side of the vision tower, in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _side(value):
+    """crop_size/size in HF processor configs is an int, {"height","width"} or {"shortest_edge"}."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "height" in value and value["height"] == value.get("width"):
+            return value["height"]
+        return value.get("shortest_edge")
+    return None
+
+
+def load_preprocess(vision_path):
+    """Read input size and mean/std from a HF vision tower directory."""
+    config_path = os.path.join(vision_path, "config.json")
+    processor_path = os.path.join(vision_path, "preprocessor_config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {config_path}: {e}; point the vision dir at a HF vision tower") from e
+    config = config.get("vision_config", config)  # a full CLIP/SigLIP config nests the tower's
+    processor = {}
+    if os.path.exists(processor_path):
+        with open(processor_path) as f:
+            processor = json.load(f)
+    size = _side(processor.get("crop_size")) or _side(processor.get("size")) or config.get("image_size")
+    model_type = config.get("model_type", "")
+    family = "siglip" if "siglip" in model_type else "clip" if "clip" in model_type else None
+    if "image_mean" in processor and "image_std" in processor:
+        mean, std = processor["image_mean"], processor["image_std"]
+    elif family is not None:
+        mean, std = DEFAULT_MEAN_STD[family]
+    else:
+        raise ValueError(f"{processor_path}: no image_mean/image_std and model_type {model_type!r} in {config_path} "
+                         "is neither CLIP nor SigLIP; add a preprocessor_config.json with image_mean and image_std")
+    if not isinstance(size, int):
+        raise ValueError(f"no input size in {processor_path} (crop_size/size) or {config_path} (image_size); add one")
+    return VisionPreprocess(size, tuple(mean), tuple(std))
+
+
+def frame_indices(num_available, num_frames, generator=None):
+    """Split [0, num_available) into num_frames equal segments and take one frame from each:
+    a random one if a generator is given (TSN training sampling), else the centre (evaluation).
+    Short clips repeat frames rather than return fewer, so every clip has num_frames frames."""
+    edges = torch.linspace(0, num_available, num_frames + 1, dtype=torch.float64)
+    width = edges[1:] - edges[:-1]
+    if generator is None:
+        offset = 0.5 * width
+    else:
+        offset = torch.rand(num_frames, generator=generator, dtype=torch.float64) * width
+    return (edges[:-1] + offset).long().clamp(0, num_available - 1).tolist()
+
+
+def normalize(frames, pre):
+    """(F, 3, H, W) uint8 -> (F, 3, S, S) float, resized and normalised with the tower's mean/std."""
+    if frames.shape[-2:] != (pre.size, pre.size):
+        frames = F.interpolate(frames, size=(pre.size, pre.size), mode="bilinear", antialias=True)  # stays uint8
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return frames.float().mul_(1 / (255 * std)).sub_(mean / std)  # (x/255 - mean)/std in two in-place ops
+
+
+def load_video(path, num_frames, pre, generator=None):
+    """Decode num_frames frames of a video file -> (num_frames, 3, S, S) float. Raises on a bad file."""
+    decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
+    claimed = decoder.metadata.num_frames or 0  # int(duration * fps): can be one short, then the last frame is unused
+    try:
+        if claimed < 1:
+            raise RuntimeError("no frame count in the header")
+        frames = decoder.get_frames_at(frame_indices(claimed, num_frames, generator)).data
+    except RuntimeError:
+        decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)  # scans the file: true count
+        available = decoder.metadata.num_frames or 0
+        if available < max(1, 0.9 * claimed):
+            raise ValueError(f"truncated video: {available} of {claimed} frames decodable") from None
+        frames = decoder.get_frames_at(frame_indices(available, num_frames, generator)).data
+    return normalize(frames, pre)  # frames: (num_frames, 3, H, W) uint8
+
+
+def _to_rgb(image, background):
+    """Any Pillow mode -> RGB. Transparent pixels become the background colour, not black."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit greyscale (medical/scientific PNGs): convert("L") would clip at 255, so rescale
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+    if image.has_transparency_data:
+        canvas = Image.new("RGBA", image.size, background + (255,))
+        return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, ...
+
+
+def load_image(path, pre):
+    """An image as a 1-frame video -> (1, 3, S, S) float. Pillow's decompression-bomb check stays
+    on: a huge image raises, and the caller counts it as a bad sample."""
+    background = tuple(round(255 * m) for m in pre.mean)  # LLaVA pads with the mean colour
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
+        image = _to_rgb(image, background)
+    width, height = image.size
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    pixels = torch.from_numpy(np.array(square)).permute(2, 0, 1)  # (3, side, side) uint8
+    return normalize(pixels[None], pre)

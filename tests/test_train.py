@@ -1,0 +1,148 @@
+"""train.py end to end on a tiny synthetic dataset (CPU, gloo): ranks, resume, nodes, stages, configs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import prepare
+import train
+from nanovlm.model import VISUAL_TOKEN, from_pretrained, vlm_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare.make_synthetic(str(out), num_train=48, num_val=8, seed=0)
+    return out
+
+
+def run_args(synthetic, out_dir, **overrides):
+    settings = dict(out_dir=str(out_dir), vision_path=f"{synthetic}/vision", lm_path=f"{synthetic}/lm",
+                    train_data=f"{synthetic}/something-something-v2_train.json",
+                    val_data=f"{synthetic}/something-something-v2_val.json",
+                    media_root=f"{synthetic}/20bn-something-something-v2", num_frames=2, max_tokens=256,
+                    max_steps=6, batch_size=2, global_batch_size=4, log_interval=1, eval_interval=1000,
+                    eval_samples=4, max_new_tokens=4, ckpt_interval=1000, num_workers=1, train_lm=True,
+                    train_vision=True, warmup_ratio=0.2)
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, nproc=1, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+           os.path.join(ROOT, "train.py"), *args] if nproc else [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}
+
+
+def test_config_typo_fails_before_any_work(tmp_path):
+    out_dir = tmp_path / "out"
+    result = launch([f"--out_dir={out_dir}", "--learing_rate=1e-3"], nproc=0)
+    assert result.returncode == 2
+    assert "did you mean 'learning_rate'?" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out_dir.exists()
+
+
+def test_one_rank_equals_two_ranks_and_resume(synthetic, tmp_path):
+    one = launch(run_args(synthetic, tmp_path / "one", max_steps=20), nproc=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(run_args(synthetic, tmp_path / "two", max_steps=20, ckpt_interval=10), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == list(range(1, 21))
+    for step in a:  # the same global batch: 1 rank x 2 micro-steps == 2 ranks x 1
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    assert a[20] < a[1]
+    # interrupted after step 10: drop everything after it, resume, and the losses continue exactly
+    ckpt = tmp_path / "two" / "ckpt"
+    assert sorted(os.listdir(ckpt)) == ["step_000010", "step_000020"]
+    subprocess.run(["rm", "-rf", str(ckpt / "step_000020"), str(tmp_path / "two" / "final")], check=True)
+    resumed = launch(run_args(synthetic, tmp_path / "two", max_steps=20, init_from="resume"), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(tmp_path / "two" / "log.jsonl") as f:
+        after = [m for m in map(json.loads, f) if "loss" in m][20:]
+    assert [m["step"] for m in after] == list(range(11, 21))
+    assert all(m["loss"] == b[m["step"]] for m in after)  # bit for bit
+
+
+def test_two_nodes_on_one_machine(synthetic, tmp_path):
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               os.path.join(ROOT, "train.py"), *run_args(synthetic, tmp_path / "out", max_steps=3)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert sorted(losses(tmp_path / "out")) == [1, 2, 3]
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["max_steps"] == 3
+
+
+@pytest.fixture
+def process_group():
+    store = dist.HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_batch(model):
+    n = model.cfg.tokens_per_frame * 2
+    ids = torch.tensor([[1, 5] + [VISUAL_TOKEN] * n + [7, 8, 9, 2]])
+    targets = torch.full_like(ids, -100)
+    targets[0, -4:-1] = ids[0, -3:]
+    return ids, torch.randn(2, 3, 64, 64), targets
+
+
+def test_frozen_stage_gets_no_gradient_and_does_not_change(synthetic, process_group, monkeypatch):
+    monkeypatch.setattr(train, "vision_path", f"{synthetic}/vision")
+    monkeypatch.setattr(train, "lm_path", f"{synthetic}/lm")
+    monkeypatch.setattr(train, "train_lm", False)
+    cfg = vlm_config(f"{synthetic}/vision", f"{synthetic}/lm")
+    model = train.build_model(cfg, torch.device("cpu"), torch.float32, 0)
+    optimizer = train.make_optimizer(model, torch.device("cpu"))
+    before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    ids, frames, targets = tiny_batch(model)
+    loss, _ = model(ids, frames, targets)
+    loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        trained = name.startswith("projector.")
+        assert (p.grad is not None) == trained, name
+        changed = not torch.equal(p.full_tensor(), before[name])
+        assert changed == trained, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients(synthetic):
+    model = from_pretrained(f"{synthetic}/vision", f"{synthetic}/lm")
+    ids, frames, targets = tiny_batch(model)
+    grads = []
+    for on in (False, True):
+        model.lm.grad_checkpointing = model.vision.grad_checkpointing = on
+        model.zero_grad()
+        model(ids, frames, targets)[0].backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
