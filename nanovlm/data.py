@@ -309,8 +309,9 @@ class VLMDataset(Dataset):
         try:
             frames = self.load_frames(i, epoch)
         except Exception as e:  # any decoder/Pillow failure (incl. decompression bombs) is one bad sample
+            first_line = str(e).partition("\n")[0]  # some torchcodec errors append a bug-report form
             _warn_once(self.media_path(i), f"cannot read {self.media_path(i)} (record {self.json_indices[i]}): "
-                         f"{type(e).__name__}: {e}; skipped")
+                         f"{type(e).__name__}: {first_line}; skipped")
             return None
         num_visual = self._num_visual(self.records[i])
         start, end = self.offsets[i], self.offsets[i + 1]

@@ -221,23 +221,24 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values of every layer for generation: (B, S_max, KV, hd) each."""
+    """Keys/values of every layer for generation: (B, S_max, KV, hd) each, allocated at the first update in the
+    dtype the layers compute in (bf16 under mixed precision, whatever the parameters are stored in)."""
 
-    def __init__(self, cfg: LMConfig, batch_size, max_len, device, dtype):
-        shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    def __init__(self, cfg: LMConfig, batch_size, max_len, device):
+        self.shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k, self.v = [None] * cfg.n_layers, [None] * cfg.n_layers
         self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.length = 0  # slots filled by completed forwards
         self.layer = 0
 
     def update(self, k, v):  # called by each layer in turn; returns the keys/values up to the new length
-        end = self.length + k.shape[1]
-        self.k[self.layer][:, self.length:end] = k
-        self.v[self.layer][:, self.length:end] = v
-        k, v = self.k[self.layer][:, :end], self.v[self.layer][:, :end]
-        self.layer = (self.layer + 1) % len(self.k)
-        return k, v
+        i, end = self.layer, self.length + k.shape[1]
+        if self.k[i] is None:
+            self.k[i], self.v[i] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        self.k[i][:, self.length:end] = k
+        self.v[i][:, self.length:end] = v
+        self.layer = (i + 1) % len(self.k)
+        return self.k[i][:, :end], self.v[i][:, :end]
 
 
 class LM(nn.Module):

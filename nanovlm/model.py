@@ -87,24 +87,25 @@ class VLM(nn.Module):
             x = x.masked_scatter(slots[..., None], visual.to(x.dtype))
         return x
 
-    def forward(self, input_ids, frames=None, targets=None, position_ids=None, document_ids=None):
-        """Without targets: logits (B, T, vocab). With targets (B, T), already shifted (targets[t] is the token
-        to predict at t, IGNORE where unsupervised): (summed cross-entropy, number of supervised tokens)."""
-        h = self.lm(self.embed(input_ids, frames), position_ids, document_ids)
+    def forward(self, input_ids, frames=None, targets=None, position_ids=None, document_ids=None, cache=None):
+        """Without targets: logits (B, T, vocab), or (B, 1, vocab) of the last position when decoding with a
+        KV cache. With targets (B, T), already shifted (targets[t] is the token to predict at t, IGNORE where
+        unsupervised): (summed cross-entropy, number of supervised tokens)."""
+        h = self.lm(self.embed(input_ids, frames), position_ids, document_ids, cache)
         if targets is None:
-            return self.lm.logits(h)
+            return self.lm.logits(h if cache is None else h[:, -1:])
         supervised = targets != IGNORE
         logits = self.lm.logits(h[supervised]).float()  # only where there is a target: visual tokens dominate T
         return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
 
     @torch.no_grad()
     def generate(self, prompts, frames=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None,
-                 generator=None, distributed=False):
+                 generator=None, distributed=False, stream=None):
         """prompts: list of 1-D id tensors (VISUAL_TOKEN slots included), frames: all their frames in order.
         Rows are left-padded, each into its own document, so rows of any length decode together with one KV cache.
         Greedy when temperature == 0, else temperature + nucleus (top_p) sampling. Returns one id list per prompt,
         ending before eos_id. `distributed`: every rank of a sharded model calls this together; they stop together,
-        since each forward gathers parameters from all of them."""
+        since each forward gathers parameters from all of them. `stream`: called with each step's tokens (B,)."""
         device = self.lm.embed.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -113,14 +114,15 @@ class VLM(nn.Module):
             input_ids[row, T - len(p):], document_ids[row, T - len(p):] = p.to(device), 0
         position_ids = ((document_ids >= 0).cumsum(1) - 1).clamp_min(0)  # 0, 1, .. from each row's first token
         padded = bool((document_ids < 0).any())
-        cache = KVCache(self.cfg.lm, B, T + max_new_tokens, device, self.lm.embed.weight.dtype)
-        x = self.embed(input_ids, frames)
+        cache = KVCache(self.cfg.lm, B, T + max_new_tokens, device)
         out = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            h = self.lm(x, position_ids, document_ids if padded else None, cache)
-            logits = self.lm.logits(h[:, -1]).float()
+            # through forward(), so a sharded (FSDP) model gathers its parameters as in training
+            logits = self(input_ids, frames, None, position_ids, document_ids if padded else None, cache)[:, -1].float()
             token = sample(logits, temperature, top_p, generator)  # (B,)
+            if stream is not None:
+                stream(token)
             out = torch.cat([out, token[:, None]], dim=1)
             if eos_id is not None:
                 done |= token == eos_id
@@ -129,7 +131,7 @@ class VLM(nn.Module):
                     dist.all_reduce(finished, op=dist.ReduceOp.MIN)
                 if finished.item():
                     break
-            x = self.lm.embed(token[:, None])
+            input_ids, frames = token[:, None], None
             position_ids = position_ids[:, -1:] + 1
             document_ids = document_ids.new_zeros(B, 1)
         answers = []
