@@ -12,7 +12,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -80,7 +79,7 @@ keep_last = 2
 from nanovlm import checkpoint, data, hf  # noqa: E402  (after the defaults, which are the docs)
 from nanovlm.config import ConfigError, configure  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
-from nanovlm.model import VLM, build, vlm_config  # noqa: E402
+from nanovlm.model import IGNORE, VLM, build, load_trained, vlm_config  # noqa: E402
 
 
 def print0(*args, **kwargs):
@@ -141,12 +140,7 @@ def build_model(cfg, device, dtype, rank):
         hf.load_vision(full.vision, vision_path)
         hf.load_lm(full.lm, lm_path)
         if init_from not in ("hf", "resume"):  # a previous run's trained weights: e.g. stage 1's projector
-            from safetensors.torch import load_file
-            trained = load_file(os.path.join(init_from, "trained.safetensors"))
-            unknown = sorted(set(trained) - set(full.state_dict()))
-            if unknown:
-                raise ConfigError(f"{init_from}/trained.safetensors has keys this model lacks: {unknown[:3]}")
-            full.load_state_dict(trained, strict=False)
+            load_trained(full, os.path.join(init_from, "trained.safetensors"))
         full_state = full.state_dict()
     with torch.device("meta"):
         model = VLM(cfg)
@@ -316,14 +310,14 @@ def main():
         micro = [next(batches) for _ in range(grad_accum)]  # the whole step's data: the global count needs it
         t_data = time.perf_counter() - t0
         skipped, samples = sum(b["num_skipped"] for b in micro), sum(b["num_samples"] for b in micro)
-        local_count = sum(int((b["targets"] != -100).sum()) for b in micro)
-        global_count, skipped, samples = all_reduce([local_count, skipped, samples], device)
+        supervised = [int((b["targets"] != IGNORE).sum()) for b in micro]  # counted once, on the CPU tensors
+        global_count, skipped, samples = all_reduce([sum(supervised), skipped, samples], device)
         monitor.update(int(samples), int(skipped))
         for g in optimizer.param_groups:
             g["lr"] = g["peak_lr"] * lr_factor(step)
         loss_sum, step_flops, tokens = torch.zeros((), device=device), 0.0, 0
-        for b in micro:
-            step_flops += flops(b["document_ids"], int((b["targets"] != -100).sum()), b["frames"].shape[0])
+        for b, num_supervised in zip(micro, supervised):
+            step_flops += flops(b["document_ids"], num_supervised, b["frames"].shape[0])
             tokens += int((b["document_ids"] >= 0).sum())
             b = to_device(b, device)
             with autocast:

@@ -35,14 +35,13 @@ from torchcodec.decoders import VideoDecoder
 from transformers import AutoTokenizer
 
 from nanovlm.media import frame_indices, load_image, load_preprocess, load_video
-from nanovlm.model import VISUAL_TOKEN
+from nanovlm.model import IGNORE, VISUAL_TOKEN
 
 PLACEHOLDER = re.compile(r"<video>|<image>")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES = ("plain", "chat", "vicuna_v1")
-IGNORE = -100  # label/target of a position that is not supervised
 
 _warned = set()
 

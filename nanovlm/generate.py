@@ -21,11 +21,10 @@ import sys
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from nanovlm.data import PLACEHOLDER, encode, expand_visual, load_tokenizer
 from nanovlm.media import load_image, load_preprocess, load_video
-from nanovlm.model import from_pretrained
+from nanovlm.model import from_pretrained, load_trained
 
 FINAL_KEYS = ("vision_path", "lm_path", "projector", "pool_stride", "vision_select_layer", "template", "num_frames")
 
@@ -52,20 +51,13 @@ def load_final(path, device="cpu"):
     try:
         model = from_pretrained(info["vision_path"], info["lm_path"], device, projector=info["projector"],
                                 pool_stride=info["pool_stride"], select_layer=info["vision_select_layer"])
-        trained = load_file(trained_file, device=str(device))
         tokenizer = load_tokenizer(path)
-    except (OSError, KeyError, SafetensorError) as e:
+    except (OSError, KeyError) as e:
         raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
-    params = model.state_dict()
-    unknown = sorted(set(trained) - set(params))
-    if unknown:
-        raise ValueError(f"{trained_file} has {len(unknown)} keys this model lacks, e.g. {unknown[:3]}: it was "
-                         f"trained with other towers or settings than {info_file} names")
-    for key, tensor in trained.items():
-        if tensor.shape != params[key].shape:
-            raise ValueError(f"{trained_file}: {key} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(params[key].shape)}: check the towers and settings in {info_file}")
-    model.load_state_dict(trained, strict=False)  # the parts the run did not train come from the towers
+    try:
+        load_trained(model, trained_file)  # the parts the run did not train come from the towers
+    except SafetensorError as e:
+        raise ValueError(f"{trained_file}: {e}") from None
     return model.eval(), tokenizer, info
 
 

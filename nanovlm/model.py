@@ -178,6 +178,21 @@ def from_pretrained(vision_path, lm_path, device="cpu", **kwargs):
     return model
 
 
+def load_trained(model: VLM, path):
+    """Overlay a run's trained.safetensors (the weights it trained) on a model whose towers are loaded: every key
+    must be a parameter of the same shape; the rest stays as the towers gave it."""
+    trained, params = load_file(path), model.state_dict()
+    unknown = sorted(set(trained) - set(params))
+    if unknown:
+        raise ValueError(f"{path} has {len(unknown)} keys this model lacks, e.g. {unknown[:3]}: it was trained "
+                         f"with other towers or settings")
+    for key, tensor in trained.items():
+        if tensor.shape != params[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(params[key].shape)}: it was trained with other towers or settings")
+    model.load_state_dict(trained, strict=False)
+
+
 def save(model: VLM, path, state_dict=None):
     """A nanovlm checkpoint directory: nanovlm.json (the configs) and model.safetensors (our keys)."""
     os.makedirs(path, exist_ok=True)

@@ -36,8 +36,7 @@ class VisionConfig:
 
     @property
     def layers_used(self):  # blocks that run: hidden_states[k] is the output of block k
-        k = self.select_layer % (self.n_layers + 1)
-        return k
+        return self.select_layer % (self.n_layers + 1)
 
     @property
     def post_norm(self):  # SigLIP's last_hidden_state is post-normed; CLIP's post_layernorm is for pooling only
