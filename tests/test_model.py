@@ -1,6 +1,5 @@
 """The hand-written towers against transformers on tiny random checkpoints (CPU, fp32, no network)."""
 
-import json
 import os
 
 import pytest
@@ -10,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from nanovlm import hf
 from nanovlm.lm import LM, attention_meta
-from nanovlm.model import VISUAL_TOKEN, VLM, build, from_pretrained, load, sample, save, vlm_config
+from nanovlm.model import VISUAL_TOKEN, from_pretrained, load, sample, save
 from nanovlm.vision import VisionTower
 
 torch.manual_seed(0)
