@@ -71,12 +71,15 @@ eval_interval = 100  # steps; also at the end
 eval_samples = 200  # validation samples for loss and exact-match accuracy (0 = all)
 eval_batch_size = 16
 max_new_tokens = 24  # for greedy answers
+eval_label_set = False  # label-set tasks (SSv2): also score every distinct validation answer by likelihood (top-1,
+# top-5, per class, direction pairs), and again with each clip's frames shuffled (does the model use their order?)
+eval_strips = 4  # validation clips shown in TensorBoard at each evaluation: frames, reference and answer
 log_interval = 10
 ckpt_interval = 100
 keep_last = 2
 # -----------------------------------------------------------------------------------------------------------------
 
-from nanovlm import checkpoint, data, hf  # noqa: E402  (after the defaults, which are the docs)
+from nanovlm import checkpoint, data, hf, scoring  # noqa: E402  (after the defaults, which are the docs)
 from nanovlm.config import ConfigError, configure  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
 from nanovlm.model import IGNORE, VLM, build, load_trained, vlm_config  # noqa: E402
@@ -88,7 +91,19 @@ def print0(*args, **kwargs):
 
 
 def check_config(c, world_size):
-    """Everything that can be known wrong before heavy work; one line each."""
+    """Everything that can be known wrong before heavy work, one line each, in well under a second: it reads only
+    the towers' config.json files and writes nothing. (Building the model or the data would find some of these
+    too, but only after loading weights and tokenizing, and as tracebacks.)"""
+    min_text = 32  # tokens a row must have left after one video's visual tokens, for a prompt and an answer
+    for key in ("batch_size", "global_batch_size", "max_steps", "num_frames", "max_tokens", "max_frames_per_row",
+                "pool_stride", "eval_batch_size", "log_interval", "eval_interval", "ckpt_interval", "keep_last",
+                "max_bad_steps"):
+        if c[key] < 1:
+            raise ConfigError(f"{key}={c[key]} must be at least 1")
+    for key, choices in (("projector", ("mlp2x_gelu", "linear")), ("template", data.TEMPLATES),
+                         ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "bfloat16", "float32"))):
+        if c[key] not in choices:
+            raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(choices)}")
     for key in ("train_data", "val_data", "media_root"):
         if not os.path.exists(c[key]):
             raise ConfigError(f"{key}={c[key]!r} does not exist (run `python prepare.py` for the demo data)")
@@ -101,11 +116,32 @@ def check_config(c, world_size):
                           f"{c['batch_size']} x {world_size}")
     if not (c["train_vision"] or c["train_projector"] or c["train_lm"]):
         raise ConfigError("nothing to train: set one of train_vision, train_projector, train_lm")
-    if c["init_from"] not in ("hf", "resume") and not os.path.isfile(os.path.join(c["init_from"], "trained.safetensors")):
+    if c["init_from"] not in ("hf", "resume") and \
+            not os.path.isfile(os.path.join(c["init_from"], "trained.safetensors")):
         raise ConfigError(f"init_from={c['init_from']!r}: expected 'hf', 'resume' or a run's final/ directory")
-    parent = os.path.dirname(os.path.abspath(c["out_dir"]))
-    if not os.access(c["out_dir"] if os.path.isdir(c["out_dir"]) else parent, os.W_OK):
-        raise ConfigError(f"out_dir={c['out_dir']!r} is not writable")
+    existing = os.path.abspath(c["out_dir"])  # the directory that makedirs(out_dir) would write into
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ConfigError(f"out_dir={c['out_dir']!r} is not writable: {existing} is "
+                          f"{'read-only' if os.path.isdir(existing) else 'a file'}; choose another out_dir")
+    if c["max_frames_per_row"] < c["num_frames"]:
+        raise ConfigError(f"max_frames_per_row={c['max_frames_per_row']} cannot hold one video of "
+                          f"num_frames={c['num_frames']}; raise it")
+    if not (os.path.isdir(c["vision_path"]) and os.path.isdir(c["lm_path"])):
+        return  # hub ids: their config.json is checked once downloaded
+    try:  # architecture, vision_select_layer, and the visual tokens per frame, from the config.json files alone
+        cfg = vlm_config(c["vision_path"], c["lm_path"], c["projector"], c["pool_stride"], c["vision_select_layer"])
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    except KeyError as e:
+        raise ConfigError(f"a config.json in {c['vision_path']} or {c['lm_path']} lacks the key {e}") from None
+    num_visual = c["num_frames"] * cfg.tokens_per_frame
+    if c["max_tokens"] - num_visual < min_text:
+        raise ConfigError(f"num_frames={c['num_frames']} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
+                          f"visual tokens leave {c['max_tokens'] - num_visual} of max_tokens={c['max_tokens']} for "
+                          f"text (at least {min_text} needed); raise max_tokens or pool_stride, or lower "
+                          f"num_frames")
 
 
 def resolve(path):
@@ -180,7 +216,7 @@ def make_optimizer(model, device):
         decay = p.ndim >= 2 and "embed" not in name  # no decay on norms, biases, embeddings
         groups.setdefault((part, decay), {"params": [], "lr": lr, "peak_lr": lr,
                                           "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
-    return torch.optim.AdamW(list(groups.values()), betas=(beta1, beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(list(groups.values()), betas=(beta1, beta2), fused=True)  # CPU too: 1.13x a step
 
 
 def lr_factor(step):
@@ -204,11 +240,17 @@ def all_reduce(values, device):
 
 
 @torch.no_grad()
-def evaluate(model, val_set, tokenizer, device, autocast, world_size, rank):
-    """Validation loss (per supervised token) and exact-match accuracy of greedy answers, over all ranks."""
+def evaluate(model, val_set, tokenizer, device, autocast, world_size, rank, writer=None, step=0):
+    """Validation loss (per supervised token) and exact-match accuracy of greedy answers, over all ranks; with
+    eval_label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py)."""
     model.eval()
     loss_sum, count, correct, answered = 0.0, 0, 0, 0
-    for batch in data.eval_batches(val_set, eval_batch_size, rank, world_size, eval_samples):
+    if eval_label_set:
+        labels, choices = scoring.candidates(val_set)
+        index, K = {label: i for i, label in enumerate(labels)}, len(labels)
+        tallies = torch.zeros(2, K * K + 1, dtype=torch.float64)  # in order / shuffled: confusion, top-5 hits
+        shuffler = torch.Generator().manual_seed(seed)
+    for b, batch in enumerate(data.eval_batches(val_set, eval_batch_size, rank, world_size, eval_samples)):
         batch = to_device(batch, device)
         with autocast:
             loss, n = model(batch["input_ids"], batch["frames"], batch["targets"], batch["position_ids"],
@@ -217,14 +259,45 @@ def evaluate(model, val_set, tokenizer, device, autocast, world_size, rank):
         with autocast:
             answers = model.generate(batch["prompts"], batch["prompt_frames"], max_new_tokens=max_new_tokens,
                                      eos_id=tokenizer.eos_token_id, distributed=world_size > 1)
-        for ids, reference in zip(answers, batch["answers"]):
-            correct += data.normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) == \
-                data.normalize_answer(reference)
+        answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+        for answer, reference in zip(answers, batch["answers"]):
+            correct += data.normalize_answer(answer) == data.normalize_answer(reference)
             answered += 1
+        counts = scoring.frame_counts(batch["prompts"], model.cfg.tokens_per_frame)
+        if eval_label_set:
+            references = torch.tensor([index[a] for a in batch["answers"]])
+            shuffled = scoring.shuffle_frames(batch["prompt_frames"], counts, shuffler)
+            for tally, frames in zip(tallies, (batch["prompt_frames"], shuffled)):
+                with autocast:
+                    scores = model.score(batch["prompts"], frames, choices).cpu()
+                tally[:K * K].view(K, K).index_put_((references, scores.argmax(1)),
+                                                    torch.ones(len(references), dtype=torch.float64), accumulate=True)
+                tally[-1] += (scores.topk(min(5, K)).indices == references[:, None]).any(1).sum()
+        if writer is not None and b == 0:
+            show_clips(writer, step, batch, counts, answers, val_set.preprocess)
     loss_sum, count, correct, answered = all_reduce([loss_sum, count, correct, answered], device)
+    metrics = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(answered, 1),
+               "val_samples": int(answered)}
+    if eval_label_set:
+        tallies = tallies.to(device)
+        dist.all_reduce(tallies)
+        pairs = scoring.direction_pairs(labels)
+        for name, tally in zip(("", "_shuffled"), tallies.cpu()):
+            for k, v in scoring.summary(tally[:K * K].view(K, K), tally[-1], labels, pairs).items():
+                metrics[f"val_{k}{name}"] = v
     model.train()
-    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(answered, 1),
-            "val_samples": int(answered)}
+    return metrics
+
+
+def show_clips(writer, step, batch, counts, answers, pre):
+    """TensorBoard: the first eval_strips clips of a validation batch as frame strips, with reference and answer."""
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    frames = batch["prompt_frames"].float().cpu().split(counts)
+    for i, (clip, reference, answer) in enumerate(zip(frames[:eval_strips], batch["answers"], answers)):
+        if len(clip):
+            strip = torch.cat(list(clip), dim=2) * std + mean  # (3, H, frames * W), back to [0, 1]
+            writer.add_image(f"val_clip_{i}", strip.clamp(0, 1), step)
+        writer.add_text(f"val_clip_{i}", f"reference: {reference}  \nanswer: {answer}", step)
 
 
 def main():
@@ -296,7 +369,7 @@ def main():
     def log(metrics):
         if rank == 0:
             for k, v in metrics.items():
-                if k != "step":
+                if k != "step" and isinstance(v, (int, float)):  # per-class tables go to eval.json only
                     writer.add_scalar(k, v, metrics["step"])
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
@@ -328,15 +401,19 @@ def main():
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss_sum, step_flops, tokens = all_reduce([loss_sum, step_flops, tokens], device)
         loss_value = loss_sum / max(global_count, 1)
-        if math.isfinite(loss_value) and torch.isfinite(grad_norm):  # the same verdict on every rank
+        # both values are reduced over all ranks, so a NaN on one rank skips the step on every rank alike
+        if math.isfinite(loss_value) and torch.isfinite(grad_norm):
             optimizer.step()
             bad_steps = 0
         else:
             bad_steps += 1
-            print0(f"step {step}: non-finite loss {loss_value} / grad norm {grad_norm.item()}: step skipped")
+            print0(f"\nwarning: step {step + 1}: loss {loss_value} / grad norm {grad_norm.item()} is not finite; "
+                   f"optimizer step skipped ({bad_steps} in a row, max_bad_steps={max_bad_steps})", file=sys.stderr)
             if bad_steps >= max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row; stopping. The last complete checkpoint "
-                                   f"is in {out_dir}/ckpt; lower the learning rate or check the data")
+                print0(f"\nstopping at step {step + 1}: {bad_steps} non-finite steps in a row; the last complete "
+                       f"checkpoint is in {out_dir}/ckpt; lower the learning rate or check the data", file=sys.stderr)
+                dist.destroy_process_group()
+                sys.exit(1)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt_step = time.perf_counter() - t0
@@ -352,8 +429,11 @@ def main():
         if step % log_interval == 0 or step == max_steps:
             log(metrics)
         if step % eval_interval == 0 or step == max_steps:
-            metrics = {"step": step, **evaluate(model, val_set, tokenizer, device, autocast, world_size, rank)}
-            print0(f"\nstep {step}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}")
+            metrics = {"step": step, **evaluate(model, val_set, tokenizer, device, autocast, world_size, rank,
+                                                writer, step)}
+            print0(f"\nstep {step}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}" + (
+                f", top-1 {metrics['val_top1']:.3f} (frames shuffled: {metrics['val_top1_shuffled']:.3f})"
+                if eval_label_set else ""))
             log(metrics)
         if step % ckpt_interval == 0 or step == max_steps:
             save_checkpoint()

@@ -13,12 +13,17 @@ What is notable:
   names with the template's, so resuming with a different set of frozen parameters is an error, not a
   silently partial load.
 - Atomic: everything is written to ckpt_root/.tmp-step_000123; when all ranks are done (barrier), rank 0
-  writes COMPLETE and renames the directory into place (a rename is atomic on POSIX). Old checkpoints
-  beyond keep_last are deleted only after that, so a crash at any moment leaves the previous complete one.
+  writes COMPLETE and renames the directory into place (a rename is atomic on POSIX): that rename is the
+  commit. Old checkpoints beyond keep_last are deleted only after it, each losing its COMPLETE marker before
+  its files, so a kill half-way through a deletion leaves an incomplete directory, never one that looks
+  complete. Saving a step that already exists renames the old copy aside first; latest() puts it back if
+  the kill came between the two renames. tests/test_reliability.py kills a save before every file-system
+  call it makes (mkdir, fsync, rename, unlink, ...) and checks that latest() always finds a complete one.
 - RNG states are per rank (torch CPU, CUDA, python, numpy): rank r gets its own back, so dropout and data
   shuffling continue exactly as if uninterrupted. Hence a resume needs the same world size.
 - save/load/export_safetensors are collective (call them on every rank) and need a process group, even
-  with one process (the trainer always starts one, gloo on CPU). latest() is not collective.
+  with one process (the trainer always starts one, gloo on CPU). latest() is collective too when a process
+  group exists: rank 0 repairs, then every rank reads the same directory listing.
 """
 
 import json
@@ -38,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
 TMP_PREFIX = ".tmp-"
+REPLACED_DIR = re.compile(r"\.tmp-(step_\d+)-replaced")  # a complete checkpoint renamed aside while replaced
 
 
 def save(ckpt_root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
@@ -70,22 +76,33 @@ def save(ckpt_root: str, step: int, model: torch.nn.Module, optimizer: torch.opt
         _sync_dir(ckpt_root)
         shutil.rmtree(replaced, ignore_errors=True)
         for old in _complete(ckpt_root)[:-keep_last]:
+            os.remove(os.path.join(old, MARKER))  # incomplete from here on, in case we are killed mid-deletion
             shutil.rmtree(old)
     dist.barrier()
     return final
 
 
 def latest(ckpt_root: str) -> str | None:
-    """The newest complete checkpoint under ckpt_root, or None. Rank 0 deletes incomplete ones (crashed saves)."""
+    """The newest complete checkpoint under ckpt_root, or None. Rank 0 first cleans up after an interrupted save:
+    puts back a checkpoint that was renamed aside to be replaced, and deletes incomplete ones."""
     if not os.path.isdir(ckpt_root):
         return None
-    complete = _complete(ckpt_root)
     if not dist.is_initialized() or dist.get_rank() == 0:
+        for name in sorted(os.listdir(ckpt_root)):
+            path = os.path.join(ckpt_root, name)
+            if (m := REPLACED_DIR.fullmatch(name)) and not os.path.exists(os.path.join(ckpt_root, m[1], MARKER)):
+                print(f"restoring {path} to {m[1]} (the save that was replacing it was interrupted)")
+                shutil.rmtree(os.path.join(ckpt_root, m[1]), ignore_errors=True)
+                os.rename(path, os.path.join(ckpt_root, m[1]))
+        complete = _complete(ckpt_root)
         for name in sorted(os.listdir(ckpt_root)):
             path = os.path.join(ckpt_root, name)
             if (name.startswith(TMP_PREFIX + "step_") or STEP_DIR.fullmatch(name)) and path not in complete:
                 print(f"removing incomplete checkpoint {path} (an interrupted save)")
                 shutil.rmtree(path)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks list the directory only after rank 0 has repaired it
+    complete = _complete(ckpt_root)
     return complete[-1] if complete else None
 
 

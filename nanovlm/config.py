@@ -9,10 +9,11 @@ docs), then calls `config = configure(globals(), sys.argv[1:])`. Every argument 
   (`--out_dir=2024` is the string '2024'), a None default falls back to the text if it is not a literal,
   and a bool default accepts True/False/true/false.
 Every value must have its default's type: an int is promoted to float, bool is not an int, a None
-default accepts any plain value. The defaults are the globals present at the call whose name does not
-start with `_` and whose value is a plain value (bool, int, float, str, list, tuple, dict or None), so
-call it right after the defaults. The resolved dict is JSON-serialisable and also written back into
-the given globals, so train.py keeps using plain names.
+default accepts any plain value. The defaults are the globals present at the call whose name neither
+starts with `_` nor is an UPPER_CASE constant (an imported IGNORE = -100 is not a setting) and whose value
+is plain (bool, int, float, str, list, tuple, dict or None), so call it right after the defaults. The
+resolved dict is JSON-serialisable and also written back into the given globals, so train.py keeps using
+plain names.
 """
 
 import ast
@@ -28,7 +29,8 @@ class ConfigError(ValueError):
 
 def configure(scope: dict, argv: list[str]) -> dict:
     """Apply config files and --key=value overrides from argv to the defaults in scope; return the settings."""
-    defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+    defaults = {k: v for k, v in scope.items()
+                if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):

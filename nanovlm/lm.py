@@ -90,23 +90,25 @@ class Rotary(nn.Module):
         self.inv_freq_long.copy_(rope_inv_freq(self.cfg, long=True)[0])
         self.scale = rope_inv_freq(self.cfg)[1]
 
-    def forward(self, position_ids):  # (B, T) -> cos, sin: (B, T, rotary_dim)
+    def forward(self, position_ids):  # (B, T) -> cos, signed sin: (B, T, 1, rotary_dim), fp32
         inv_freq = self.inv_freq
         if self.cfg.rope_type == "longrope":  # like transformers: long factors once positions pass the old length
             old_len = self.cfg.rope_scaling["original_max_position_embeddings"]
             if int(position_ids.max()) + 1 > old_len:
                 inv_freq = self.inv_freq_long
-        freqs = position_ids[..., None].float() * inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.scale, emb.sin() * self.scale
+        freqs = position_ids[..., None, None].float() * inv_freq.float()  # (B, T, 1, rotary_dim/2)
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        # transformers rotates with cat(-x2, x1) * cat(sin, sin); we use roll(x) = cat(x2, x1) times cat(-sin, sin):
+        # the same products, one copy instead of two slices, a negation and a cat per q and k in every layer
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x, cos, sin):  # x: (B, T, H, head_dim); only the first rotary_dim channels rotate
-    rot, keep = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
-    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-    half = rot.shape[-1] // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, keep), dim=-1)
+def apply_rotary(x, cos, sin):  # x: (B, T, H, head_dim); cos, signed sin from Rotary; rotary_dim channels rotate
+    d = cos.shape[-1]
+    if d < x.shape[-1]:  # partial rotary (Phi-4-mini): the other channels pass through
+        rot, keep = x.split([d, x.shape[-1] - d], dim=-1)
+        return torch.cat((apply_rotary(rot, cos, sin), keep), dim=-1)
+    return x * cos.to(x.dtype) + x.roll(d // 2, dims=-1) * sin.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +133,9 @@ def attention_meta(document_ids, q_slots, k_slots, k_document_ids, window, use_f
         lengths = torch.diff(torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten())
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
         return AttnMeta(cu_seqlens=cu, max_seqlen=int(lengths.max()))
+    if (document_ids is not None and k_document_ids is document_ids and document_ids.device.type == "cpu"
+            and not document_ids.any()):  # (with a cache, the keys can hold left padding: -1)
+        document_ids = None  # one sample per row, no padding: SDPA's causal kernel is ~1.4x faster than a mask
     if document_ids is None and window is None and q_slots.shape[0] == k_slots.shape[0]:
         return AttnMeta()  # plain causal: SDPA's is_causal path
     allowed = q_slots[:, None] >= k_slots[None, :]  # (T, S)
@@ -166,9 +171,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x):  # in fp32, as transformers does, then back to the input dtype before the weight
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm: one fused kernel, bit-identical here to transformers' pow/mean/rsqrt/mul and ~2x faster on CPU
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -239,6 +243,20 @@ class KVCache:
         self.v[i][:, self.length:end] = v
         self.layer = (i + 1) % len(self.k)
         return self.k[i][:, :end], self.v[i][:, :end]
+
+    def repeat(self, n, max_len):
+        """A cache holding each row of this one n times over (b0, b0, .., b1, ..) with room for max_len positions:
+        to continue one prompt in n ways (scoring candidate answers) without running the prompt n times."""
+        def grow(t):  # (B, S, ...) -> (B * n, max_len, ...), the first `length` slots copied
+            out = t.new_zeros(t.shape[0] * n, max_len, *t.shape[2:])
+            out[:, :self.length] = t[:, :self.length].repeat_interleave(n, 0)
+            return out
+        new = KVCache.__new__(KVCache)
+        new.shape, new.length, new.layer = (self.shape[0] * n, max_len, *self.shape[2:]), self.length, 0
+        new.k = [None if t is None else grow(t) for t in self.k]
+        new.v = [None if t is None else grow(t) for t in self.v]
+        new.document_ids = grow(self.document_ids)
+        return new
 
 
 class LM(nn.Module):

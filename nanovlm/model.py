@@ -87,16 +87,54 @@ class VLM(nn.Module):
             x = x.masked_scatter(slots[..., None], visual.to(x.dtype))
         return x
 
-    def forward(self, input_ids, frames=None, targets=None, position_ids=None, document_ids=None, cache=None):
+    def forward(self, input_ids, frames=None, targets=None, position_ids=None, document_ids=None, cache=None,
+                per_row=False):
         """Without targets: logits (B, T, vocab), or (B, 1, vocab) of the last position when decoding with a
         KV cache. With targets (B, T), already shifted (targets[t] is the token to predict at t, IGNORE where
-        unsupervised): (summed cross-entropy, number of supervised tokens)."""
+        unsupervised): (summed cross-entropy, number of supervised tokens), each of shape (B,) if per_row."""
         h = self.lm(self.embed(input_ids, frames), position_ids, document_ids, cache)
         if targets is None:
             return self.lm.logits(h if cache is None else h[:, -1:])
         supervised = targets != IGNORE
         logits = self.lm.logits(h[supervised]).float()  # only where there is a target: visual tokens dominate T
-        return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
+        if not per_row:
+            return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
+        losses = F.cross_entropy(logits, targets[supervised], reduction="none")
+        rows = supervised.nonzero()[:, 0]
+        return losses.new_zeros(len(targets)).index_add_(0, rows, losses), supervised.sum(1)
+
+    @torch.no_grad()
+    def score(self, prompts, frames, candidates, chunk=64):
+        """Log-likelihood of every candidate answer after every prompt: (B, K), the sum of log p over the answer's
+        tokens (end-of-answer included, so an answer that is a prefix of another does not win by being short).
+        prompts: list of B 1-D id tensors (VISUAL_TOKEN slots included), frames: their frames in order;
+        candidates: list of K non-empty 1-D id tensors, the same for every prompt (a label set). The prompts
+        (videos included) run once, left-padded as in generate(); their KV cache is copied for each chunk of
+        candidates. Through forward(), like generate(), so a sharded model can score too: every rank calls it
+        with the same candidates."""
+        device = self.lm.embed.weight.device
+        B, K, T = len(prompts), len(candidates), max(len(p) for p in prompts)
+        L = max(len(c) for c in candidates) - 1  # the answer's tokens but the last are inputs
+        input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        document_ids = torch.full((B, T), -1, dtype=torch.long, device=device)  # -1: left padding
+        for row, p in enumerate(prompts):
+            input_ids[row, T - len(p):], document_ids[row, T - len(p):] = p.to(device), 0
+        position_ids = ((document_ids >= 0).cumsum(1) - 1).clamp_min(0)
+        cache = KVCache(self.cfg.lm, B, T, device)
+        first = self(input_ids, frames, None, position_ids, document_ids, cache)[:, -1].float().log_softmax(-1)
+        scores = first[:, torch.stack([c[0] for c in candidates]).to(device)]  # (B, K): each answer's first token
+        for start in range(0, K if L else 0, chunk):  # the rest of each answer, continuing the prompt's cache
+            group = candidates[start:start + chunk]
+            n = len(group)
+            ids = torch.zeros(n, L, dtype=torch.long, device=device)
+            targets = torch.full((n, L), IGNORE, dtype=torch.long, device=device)
+            for j, c in enumerate(group):
+                ids[j, :len(c) - 1], targets[j, :len(c) - 1] = c[:-1].to(device), c[1:].to(device)
+            ids, targets = ids.repeat(B, 1), targets.repeat(B, 1)  # row b * n + j: prompt b, candidate j
+            positions = (position_ids[:, -1:] + 1).repeat_interleave(n, 0) + torch.arange(L, device=device)
+            loss, _ = self(ids, None, targets, positions, torch.zeros_like(ids), cache.repeat(n, T + L), per_row=True)
+            scores[:, start:start + n] -= loss.view(B, n)
+        return scores
 
     @torch.no_grad()
     def generate(self, prompts, frames=None, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None,

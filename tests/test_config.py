@@ -10,7 +10,8 @@ from nanovlm.config import ConfigError, configure
 def defaults() -> dict:
     """What train.py's globals() looks like at the call: settings, plus modules/functions/privates to ignore."""
     return {"learning_rate": 3e-4, "batch_size": 8, "compile": False, "out_dir": "out", "init_from": None,
-            "betas": (0.9, 0.95), "json": json, "defaults": defaults, "_private": 1, "__name__": "__main__"}
+            "betas": (0.9, 0.95), "json": json, "defaults": defaults, "_private": 1, "__name__": "__main__",
+            "IGNORE": -100}
 
 
 def write(tmp_path, text: str) -> str:
@@ -29,6 +30,7 @@ def test_file_then_overrides_in_order(tmp_path):
                       "init_from": "runs/a b", "betas": (0.8, 0.9)}
     assert scope["batch_size"] == 32 and scope["learning_rate"] == 2e-3  # globals updated, like nanoGPT
     assert "_micro" not in scope and "math" not in config  # helpers and imports are not settings
+    assert "IGNORE" not in config  # nor are constants
     json.dumps(config)  # train.py saves it to out_dir/config.json
     assert configure(defaults(), [path, "--batch_size=2", path])["batch_size"] == 32  # later wins
 

@@ -30,10 +30,10 @@ def decode_all(path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """Two runs with the same seed (for the determinism test); 12 train clips cover all 11 classes."""
+    """Two runs with the same seed (for the determinism test); 12 train clips cover all 7 classes."""
     outs = [tmp_path_factory.mktemp(f"synthetic{i}") for i in range(2)]
     for out in outs:
-        run("synthetic", "--out", out, "--train", 12, "--val", 4, "--seed", 3)
+        run("synthetic", "--out", out, "--train", 12, "--val", 4, "--seed", 3, "--pretrain-steps", 2)
     return outs
 
 
@@ -54,7 +54,7 @@ def test_synthetic_official_layout(synthetic):
         decoder = VideoDecoder(str(out / prepare.VIDEO_DIR / f"{entry['id']}.webm"), seek_mode="exact")
         assert decoder.metadata.average_fps == pytest.approx(12, abs=0.1)
         assert decoder.metadata.codec == "vp9" and decoder.metadata.width == prepare.FRAME_SIZE
-        assert 2.0 <= len(decoder) / 12 <= 4.0
+        assert prepare.SECONDS[0] <= len(decoder) / 12 <= prepare.SECONDS[1]
 
 
 def test_synthetic_converted_json(synthetic):
@@ -106,6 +106,32 @@ def test_direction_pairs_move_opposite_ways(synthetic):
     assert shifts["Moving [something] up"][1] < -15 < 15 < shifts["Moving [something] down"][1]
 
 
+def area(frame, colour):
+    target = torch.tensor(prepare.COLOURS[colour], dtype=torch.float32).view(3, 1, 1)
+    return int(((frame.float() - target).abs().sum(dim=0) < 90).sum())  # static clutter counts the same in any frame
+
+
+def test_camera_pair_grows_and_shrinks(synthetic):
+    out = synthetic[0]
+    growth = {}
+    for entry in read(out / "something-something-v2-train.json"):
+        if "camera" in entry["template"]:
+            frames = decode_all(out / prepare.VIDEO_DIR / f"{entry['id']}.webm")
+            colour = entry["placeholders"][0].split()[0]
+            growth[entry["template"]] = area(frames[-1], colour) / max(area(frames[0], colour), 1)
+    assert growth["Moving [something] towards the camera"] > 2.5  # radius 5-6 px -> 11-13 px: area x 3.4 to 6.8
+    assert growth["Moving [something] away from the camera"] < 0.4
+
+
+def test_pretrained_tower_learns_where_the_object_is():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(**prepare.VISION_CONFIG))
+    loss, baseline = prepare.pretrain_tower(tower, 200, seed=0)
+    assert loss < 0.5 * baseline, (loss, baseline)  # the mean would be "nothing anywhere"; it must do far better
+
+
 def test_tokenizer_and_towers_load(synthetic):
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
@@ -124,7 +150,7 @@ def test_tokenizer_and_towers_load(synthetic):
     vision = CLIPVisionModel.from_pretrained(out / "vision")
     with torch.no_grad():
         hidden = vision(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state
-    assert hidden.shape == (1, 1 + (64 // 8) ** 2, 128)  # class token + 8x8 patches
+    assert hidden.shape == (1, 1 + (64 // 16) ** 2, 128)  # class token + 4x4 patches
     processor = read(out / "vision" / "preprocessor_config.json")
     assert processor["crop_size"] == {"height": 64, "width": 64}
     assert processor["image_mean"] == pytest.approx([0.4815, 0.4578, 0.4082], abs=1e-4)

@@ -11,29 +11,11 @@ import torch
 import torch.distributed as dist
 
 import prepare
+from conftest import run_args
 import train
 from nanovlm.model import VISUAL_TOKEN, from_pretrained, vlm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare.make_synthetic(str(out), num_train=48, num_val=8, seed=0)
-    return out
-
-
-def run_args(synthetic, out_dir, **overrides):
-    settings = dict(out_dir=str(out_dir), vision_path=f"{synthetic}/vision", lm_path=f"{synthetic}/lm",
-                    train_data=f"{synthetic}/something-something-v2_train.json",
-                    val_data=f"{synthetic}/something-something-v2_val.json",
-                    media_root=f"{synthetic}/20bn-something-something-v2", num_frames=2, max_tokens=256,
-                    max_steps=6, batch_size=2, global_batch_size=4, log_interval=1, eval_interval=1000,
-                    eval_samples=4, max_new_tokens=4, ckpt_interval=1000, num_workers=1, train_lm=True,
-                    train_vision=True, warmup_ratio=0.2)
-    settings.update(overrides)
-    return [f"--{k}={v}" for k, v in settings.items()]
 
 
 def free_port():
@@ -146,3 +128,30 @@ def test_activation_checkpointing_gives_the_same_gradients(synthetic):
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_label_set_evaluation_on_two_ranks_and_eval_only(synthetic, tmp_path):
+    out = tmp_path / "out"
+    args = run_args(synthetic, out, max_steps=2, eval_samples=8, eval_label_set=True)
+    result = launch(args, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "log.jsonl") as f:
+        [metrics] = [m for m in map(json.loads, f) if "val_top1" in m]
+    templates = {t for t, _ in prepare.SYNTH_CLASSES}
+    for name in ("", "_shuffled"):  # frames in order, and shuffled within each clip
+        assert 0 <= metrics[f"val_top1{name}"] <= metrics[f"val_top5{name}"] <= 1
+        assert set(metrics[f"val_per_class{name}"]) == templates
+        assert len(metrics[f"val_pairs{name}"]) == 3  # left/right, up/down, towards/away from the camera
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    assert {"val_clip_0", "val_clip_3"} <= set(events.Tags()["images"])  # frame strips of the evaluation
+    image = events.Images("val_clip_0")[0]
+    assert (image.width, image.height) == (2 * 64, 64)  # num_frames=2 frames side by side
+    # eval_only on the checkpoint of step 2 reproduces the evaluation made at step 2
+    result = launch(run_args(synthetic, out, max_steps=2, eval_samples=8, eval_label_set=True, eval_only=True,
+                             init_from="resume"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "eval.json") as f:
+        again = json.load(f)
+    for key in ("val_loss", "val_accuracy", "val_top1", "val_top1_shuffled", "val_per_class_shuffled"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key

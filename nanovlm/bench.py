@@ -1,0 +1,378 @@
+"""`python -m nanovlm.bench`: how fast nanovlm trains, against transformers' LLaVA on the same weights.
+
+The towers are random-init Hugging Face checkpoints written to a temporary directory (a SmolLM2-135M-sized Llama
+and a small CLIP; `--quick` for tiny ones), loaded once by nanovlm and once into `LlavaForConditionalGeneration`,
+the projector copied across. Before anything is timed, both models' losses on the same batch must agree.
+
+Every figure is the median of `--repeats` steps (forward + backward + AdamW) inside this one run, the contenders
+alternated step by step, so both see the same machine load. MFU is model FLOPs (`metrics.FlopCounter`: 6N per
+token for the LM blocks, the LM head on supervised tokens only, causal attention per sample, the vision tower per
+frame; the same count for both models) over the peak of a dense matmul of the same dtype timed in this run.
+Peak memory is the process's peak RSS during one step (Linux `clear_refs`), or CUDA's peak allocation.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import transformers as tf
+
+from nanovlm import data
+from nanovlm.metrics import FlopCounter, peak_flops
+from nanovlm.model import IGNORE, VISUAL_TOKEN, from_pretrained
+
+SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 visual tokens per frame)
+    "full": dict(lm=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192),
+                 vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                             image_size=64, patch_size=8),
+                 frames=8, rows=2, max_tokens=1024, memory_frames=(8, 16, 32),
+                 video=((2, 12), (8, 32), (8, 64))),  # (frames, prompt tokens, answer tokens) ranges
+    "quick": dict(lm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+                  vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8),
+                  frames=2, rows=2, max_tokens=128, memory_frames=(2, 4), video=((1, 3), (2, 8), (2, 8))),
+}
+
+
+def make_towers(root, size):
+    """Random-init HF checkpoints of both towers under root -> (vision_path, lm_path)."""
+    torch.manual_seed(0)
+    vision_path, lm_path = os.path.join(root, "vision"), os.path.join(root, "lm")
+    tf.CLIPVisionModel(tf.CLIPVisionConfig(**size["vision"])).save_pretrained(vision_path)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**size["lm"])).save_pretrained(lm_path)
+    return vision_path, lm_path
+
+
+def make_llava(model, size, vision_path, lm_path):
+    """transformers' LLaVA holding nanovlm's weights; image token id = the last vocabulary id (no text uses it)."""
+    config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**size["vision"]),
+                            text_config=tf.LlamaConfig(**size["lm"]), image_token_id=size["lm"]["vocab_size"] - 1,
+                            vision_feature_layer=-2, vision_feature_select_strategy="default",
+                            projector_hidden_act="gelu", tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    llava = tf.LlavaForConditionalGeneration(config)
+    llava.model.vision_tower.load_state_dict(tf.CLIPVisionModel.from_pretrained(vision_path).state_dict())
+    lm = tf.LlamaForCausalLM.from_pretrained(lm_path)
+    llava.model.language_model.load_state_dict(lm.model.state_dict())
+    assert llava.lm_head.weight is llava.model.language_model.embed_tokens.weight, "LLaVA's head must be tied"
+    proj = llava.model.multi_modal_projector
+    with torch.no_grad():
+        for ours, theirs in ((model.projector[0], proj.linear_1), (model.projector[2], proj.linear_2)):
+            theirs.weight.copy_(ours.weight)
+            theirs.bias.copy_(ours.bias)
+    return llava
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: a sample is a prompt, its video's visual tokens, and a supervised answer
+
+def make_samples(specs, tokens_per_frame, image_size, vocab_size, seed=0):
+    """specs: [(frames, prompt_tokens, answer_tokens)] -> samples as the dataset returns them."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for frames, prompt, answer in specs:
+        text = torch.randint(0, vocab_size - 1, (prompt + answer,), generator=g)
+        ids = torch.cat([text[:prompt], torch.full((frames * tokens_per_frame,), VISUAL_TOKEN), text[prompt:]])
+        targets = torch.full_like(ids, IGNORE)
+        targets[-answer - 1:-1] = ids[-answer:]  # position t predicts token t + 1
+        samples.append({"input_ids": ids, "targets": targets,
+                        "frames": torch.randn(frames, 3, image_size, image_size, generator=g)})
+    return samples
+
+
+def packed_batch(samples, max_tokens):
+    """nanovlm's batch: samples packed into rows of max_tokens (data.plan_rows, in order), document-masked."""
+    lengths, frames = [len(s["input_ids"]) for s in samples], [len(s["frames"]) for s in samples]
+    rows = data.plan_rows(lengths, frames, max_tokens, sum(frames), 0, 0, shuffle=False)
+    batch = data.collate([dict(samples[i], row=r) for r, row in enumerate(rows) for i in row],
+                         samples[0]["frames"].shape[-1], pad_to_multiple=1)
+    batch.pop("num_skipped"), batch.pop("num_samples")
+    return batch
+
+
+def padded_batch(samples, image_token):
+    """transformers' batch: one sample per row, right-padded to the longest; labels unshifted (it shifts)."""
+    T = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.zeros(len(samples), T, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[row, :n] = s["input_ids"].masked_fill(s["input_ids"] == VISUAL_TOKEN, image_token)
+        labels[row, 1:n] = s["targets"][:n - 1]
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.cat([s["frames"] for s in samples])}
+
+
+def loss_of(model, batch):
+    if "labels" in batch:
+        return model(**batch).loss
+    loss, count = model(**batch)
+    return loss / count
+
+
+def batch_specs(size, kind, seed=0):
+    """(frames, prompt, answer) per sample. "fixed": every row one sample of exactly max_tokens tokens. "video":
+    random lengths, as many samples as packing fits into the rows; transformers pads the same samples instead."""
+    tpf = (size["vision"]["image_size"] // size["vision"]["patch_size"]) ** 2
+    if kind == "fixed":
+        return [(size["frames"], 16, size["max_tokens"] - 16 - size["frames"] * tpf)] * size["rows"]
+    g = torch.Generator().manual_seed(seed)
+    specs = [tuple(int(torch.randint(lo, hi + 1, (), generator=g)) for lo, hi in size["video"]) for _ in range(64)]
+    lengths = [f * tpf + p + a for f, p, a in specs]
+    rows = data.plan_rows(lengths, [f for f, _, _ in specs], size["max_tokens"], 1 << 20, 0, 0, shuffle=False)
+    return [specs[i] for row in rows[:size["rows"]] for i in row]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch, autocast):
+    with autocast:
+        loss = loss_of(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def median_seconds(steps, repeats, device):
+    """steps: {name: () -> None} -> {name: median seconds}; one warm-up call each, then alternated call by call."""
+    times = {name: [] for name in steps}
+    for i in range(repeats + 1):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def peak_memory(fn, device):
+    """Peak bytes held during fn(): CUDA's allocator peak, or the process's peak RSS (reset through clear_refs
+    after returning freed heap to the OS, so earlier steps do not count)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device)
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
+    """One FSDP rank built by train.py's own build_model / make_optimizer; the fixed batch's rows split over
+    the ranks, the loss normalised by the global supervised count, as train.py does."""
+    from torch.distributed.tensor import DTensor
+
+    import train  # the repository root is on sys.path: `python -m nanovlm.bench` runs from there
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    train.__dict__.update(vision_path=paths[0], lm_path=paths[1], train_vision=True, train_projector=True,
+                          train_lm=True)
+    device = train.setup_distributed("cpu")
+    model = train.build_model(train.vlm_config(*paths), device, torch.float32, rank)
+    optimizer = train.make_optimizer(model, device)
+    cfg = model.cfg
+    samples = make_samples(batch_specs(size, "fixed"), cfg.tokens_per_frame, cfg.vision.image_size,
+                           cfg.lm.vocab_size)
+    count = sum(int((s["targets"] != IGNORE).sum()) for s in samples)
+    per_rank = len(samples) // world_size
+    batch = packed_batch(samples[rank * per_rank:(rank + 1) * per_rank], size["max_tokens"])
+
+    def step():
+        loss, _ = model(**batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.distributed.barrier()
+
+    seconds = median_seconds({"step": step}, repeats, device)["step"]
+    held = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values() if t.ndim)]
+    held = [t.to_local() if isinstance(t, DTensor) else t for t in held]  # this rank's shard
+    results.put((rank, seconds, sum(t.numel() * t.element_size() for t in held)))
+    torch.distributed.destroy_process_group()
+
+
+def ranks(paths, size, repeats, world_size):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    threads = max(1, torch.get_num_threads() // world_size)  # the same cores, split between the ranks
+    mp.spawn(rank_worker, (world_size, port, paths, size, repeats, threads, results), nprocs=world_size)
+    measured = sorted(results.get() for _ in range(world_size))
+    tokens = size["rows"] * size["max_tokens"]
+    return {"ranks": world_size, "threads_per_rank": threads, "step_s": measured[0][1],
+            "tokens_per_s": tokens / measured[0][1], "param_optimizer_bytes_per_rank": max(m[2] for m in measured)}
+
+
+def data_pipeline(root, frames, workers, epochs):
+    """Loader clips/s against raw torchcodec decoding of the same frames (as `python -m nanovlm.data --bench`),
+    on a small synthetic SSv2-style set rendered by prepare.py."""
+    import prepare
+    from torch.utils.data import DataLoader
+    prepare.make_synthetic(root, num_train=48, num_val=8, seed=0, pretrain_steps=0)
+    dataset = data.VLMDataset(os.path.join(root, "something-something-v2_train.json"),
+                              os.path.join(root, "20bn-something-something-v2"), data.load_tokenizer(f"{root}/lm"),
+                              f"{root}/vision", "plain", frames, tokens_per_frame=1, max_tokens=1 << 20)
+    sampler = data.RowSampler(dataset, 4, max_frames_per_row=frames, packing=False)
+    loaders = {"full": data.make_loader(dataset, sampler, workers),
+               "raw": DataLoader(data._RawDecode(dataset), batch_sampler=sampler, num_workers=workers,
+                                 persistent_workers=workers > 0, collate_fn=list)}
+    rates = {name: [] for name in loaders}
+    for epoch in range(epochs + 1):  # epoch 0 starts the workers
+        for name, loader in loaders.items():
+            rates[name].append(data._epoch_clips_per_second(loader, sampler, epoch))
+    full, raw = (sorted(rates[n][1:])[len(rates[n][1:]) // 2] for n in ("full", "raw"))
+    return {"clips": len(dataset), "frames": frames, "workers": workers, "full_clips_per_s": full,
+            "raw_clips_per_s": raw, "full_over_raw": full / raw}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def throughput(model, llava, size, dtypes, repeats, device):
+    """Both models, both batch kinds, each dtype: step time, tokens/s (padding excluded), MFU."""
+    cfg, flops = model.cfg, FlopCounter(model, True, True, True)
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in (model, llava)}
+    rows, losses = [], {}
+    for kind in ("fixed", "video"):
+        samples = make_samples(batch_specs(size, kind), cfg.tokens_per_frame, cfg.vision.image_size,
+                               cfg.lm.vocab_size)
+        ours = {k: v.to(device) for k, v in packed_batch(samples, size["max_tokens"]).items()}
+        theirs = {k: v.to(device) for k, v in padded_batch(samples, size["lm"]["vocab_size"] - 1).items()}
+        with torch.no_grad():  # the same model: the same loss, before anything is timed
+            losses[kind] = {"nanovlm": loss_of(model, ours).item(), "transformers": loss_of(llava, theirs).item()}
+        if abs(losses[kind]["nanovlm"] - losses[kind]["transformers"]) > 1e-4:
+            raise SystemExit(f"bench: {kind} batch loss differs: {losses[kind]}; the models are not the same")
+        supervised = int((ours["targets"] != IGNORE).sum())
+        tokens = int((ours["document_ids"] >= 0).sum())
+        step_flops = flops(ours["document_ids"].cpu(), supervised, len(ours["frames"]))
+        for dtype in dtypes:
+            peak, peak_source = peak_flops(device, dtype)
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+            seconds = median_seconds({name: lambda m=m, b=b: train_step(m, optimizers[m], b, autocast)
+                                      for name, m, b in (("nanovlm", model, ours), ("transformers", llava, theirs))},
+                                     repeats, device)
+            for name, s in seconds.items():
+                rows.append({"batch": kind, "dtype": str(dtype).removeprefix("torch."), "model": name,
+                             "samples": len(samples), "shape": list((ours if name == "nanovlm" else theirs)[
+                                 "input_ids"].shape), "step_s": s, "tokens_per_s": tokens / s,
+                             "supervised_tokens_per_s": supervised / s, "samples_per_s": len(samples) / s,
+                             "mfu": step_flops / s / peak, "peak_flops": peak, "peak_source": peak_source})
+                print(f"{kind} {dtype} {name}: {s:.2f} s/step, MFU {rows[-1]['mfu']:.1%}", flush=True)
+    return rows, losses
+
+
+def checkpointing(model, size, dtype, repeats, device):
+    """Peak memory with activation checkpointing off and on at each frame count (one sample of that many frames
+    per row), and the step time both ways at the middle frame count."""
+    cfg = model.cfg
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step(batch, on):
+        model.lm.grad_checkpointing = model.vision.grad_checkpointing = on
+        train_step(model, optimizer, batch, autocast)
+
+    result = {"dtype": str(dtype).removeprefix("torch."), "peak_bytes": {}}
+    for frames in size["memory_frames"]:
+        samples = make_samples([(frames, 16, 48)] * size["rows"], cfg.tokens_per_frame, cfg.vision.image_size,
+                               cfg.lm.vocab_size)
+        batch = {k: v.to(device) for k, v in packed_batch(samples, len(samples[0]["input_ids"])).items()}
+        step(batch, False)  # the optimizer state exists before the first measurement
+        off, on = (peak_memory(lambda: step(batch, flag), device) for flag in (False, True))
+        result["peak_bytes"][frames] = {"off": off, "on": on, "saved": 1 - on / off}
+        if frames == size["memory_frames"][len(size["memory_frames"]) // 2]:
+            seconds = median_seconds({flag: lambda f=flag: step(batch, f) for flag in ("off", "on")}, repeats, device)
+            result.update(frames_timed=frames, step_s=seconds, time_cost=seconds["on"] / seconds["off"] - 1)
+    model.lm.grad_checkpointing = model.vision.grad_checkpointing = False
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="nanovlm training speed vs transformers' LLaVA; prints a table, "
+                                                 "writes JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny towers and batches (seconds; the test uses it)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per figure (their median)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
+    parser.add_argument("--out", default="bench.json", help="where the JSON goes")
+    args = parser.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    report = {"command": " ".join(["python -m nanovlm.bench", *(argv if argv is not None else sys.argv[1:])]),
+              "machine": {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "transformers": tf.__version__,
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+              "size": size}
+    with tempfile.TemporaryDirectory() as root:
+        paths = make_towers(root, size)
+        model = from_pretrained(*paths, device=device)
+        llava = make_llava(model, size, *paths).to(device)
+        report["throughput"], report["loss_check"] = throughput(model, llava, size, dtypes, args.repeats, device)
+        del llava
+        report["checkpointing"] = checkpointing(model, size, dtypes[-1], args.repeats, device)
+        del model
+        if device.type == "cpu":  # gloo ranks on the same cores
+            report["ranks"] = [ranks(paths, size, args.repeats, world_size) for world_size in (1, 2)]
+        report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print_table(report)
+    print(f"wrote {args.out}")
+    return report
+
+
+def print_table(report):
+    print(f"{report['machine']['cpu']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}")
+    print("| batch | dtype | model | rows x tokens | samples/s | tokens/s | supervised/s | MFU | vs transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = report["throughput"]
+    for r in rows:
+        other = next(o for o in rows if o["batch"] == r["batch"] and o["dtype"] == r["dtype"] and o is not r)
+        print(f"| {r['batch']} | {r['dtype']} | {r['model']} | {r['shape'][0]} x {r['shape'][1]} | "
+              f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['supervised_tokens_per_s']:,.0f} | "
+              f"{r['mfu']:.1%} | {r['tokens_per_s'] / other['tokens_per_s']:.2f}x |")
+    ck = report["checkpointing"]
+    for frames, m in ck["peak_bytes"].items():
+        print(f"activation checkpointing, {frames} frames ({ck['dtype']}): peak {m['off'] / 1e9:.2f} GB -> "
+              f"{m['on'] / 1e9:.2f} GB ({m['saved']:.0%} less)")
+    print(f"  step time at {ck['frames_timed']} frames: {ck['step_s']['off']:.2f} s -> {ck['step_s']['on']:.2f} s "
+          f"({ck['time_cost']:+.0%})")
+    for r in report.get("ranks", []):
+        print(f"{r['ranks']} rank(s) x {r['threads_per_rank']} threads: {r['tokens_per_s']:,.0f} tokens/s, "
+              f"parameters + optimizer {r['param_optimizer_bytes_per_rank'] / 1e9:.3f} GB per rank")
+    d = report["data"]
+    print(f"data: {d['full_clips_per_s']:.1f} clips/s full pipeline vs {d['raw_clips_per_s']:.1f} raw decoding "
+          f"({d['full_over_raw']:.2f}x), {d['frames']} frames, {d['workers']} workers")
+
+
+if __name__ == "__main__":
+    main()
