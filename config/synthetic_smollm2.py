@@ -1,8 +1,9 @@
 # The CPU demo's data and vision tower with a real pretrained LM: SmolLM2-135M-Instruct (`python prepare.py smollm2`),
 # its chat template, the projector and the LM trained. A short run that shows the real-LM path end to end on a CPU;
 # the tiny demo LM (config/synthetic_video.py) is what learns the task in minutes.
-# 8 frames x 1 token + ~30 chat-template tokens = ~40 tokens per clip, ~6 clips per 256-token row;
-# 2 ranks x 1 row = ~12 clips a step; ~135M LM parameters x 6 FLOPs x ~480 tokens = ~0.4 TFLOP a step.
+# 8 frames x 1 token + ~44 chat-template tokens (SmolLM2's default system prompt included) = ~52 tokens per clip,
+# ~4 clips per 256-token row; 2 ranks x 1 row = ~9 clips a step; ~135M LM parameters x 6 FLOPs x ~450 tokens
+# = ~0.36 TFLOP a step.
 out_dir = "out/synthetic_smollm2"
 lm_path = "data/smollm2"
 template = "chat"

@@ -2,8 +2,8 @@
 # only the order of the frames tells apart. The vision tower was pretrained by prepare.py on single frames and stays
 # frozen (as in LLaVA); the projector and the LM (random init) learn here.
 # 64x64 frames / 16 px patches = 4 x 4 patches, pooled by 4 -> 1 token per frame; 8 frames = 8 visual tokens
-# + ~12 text tokens = ~20 tokens per clip, ~12 clips per 256-token row.
-# 2 ranks x 4 rows x 1 micro-step = 8 rows = ~96 clips per step; 700 steps = ~34 epochs of the 2,000 clips.
+# + ~8 text tokens = ~16 tokens per clip, ~15 clips per 256-token row (measured: 132 rows an epoch).
+# 2 ranks x 4 rows x 1 micro-step = 8 rows = ~120 clips per step; 700 steps = ~42 epochs of the 2,000 clips.
 out_dir = "out/synthetic_video"
 template = "plain"
 num_frames = 8
