@@ -115,11 +115,7 @@ class VLM(nn.Module):
         device = self.lm.embed.weight.device
         B, K, T = len(prompts), len(candidates), max(len(p) for p in prompts)
         L = max(len(c) for c in candidates) - 1  # the answer's tokens but the last are inputs
-        input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
-        document_ids = torch.full((B, T), -1, dtype=torch.long, device=device)  # -1: left padding
-        for row, p in enumerate(prompts):
-            input_ids[row, T - len(p):], document_ids[row, T - len(p):] = p.to(device), 0
-        position_ids = ((document_ids >= 0).cumsum(1) - 1).clamp_min(0)
+        input_ids, position_ids, document_ids = left_padded(prompts, device)
         cache = KVCache(self.cfg.lm, B, T, device)
         first = self(input_ids, frames, None, position_ids, document_ids, cache)[:, -1].float().log_softmax(-1)
         scores = first[:, torch.stack([c[0] for c in candidates]).to(device)]  # (B, K): each answer's first token
@@ -146,11 +142,7 @@ class VLM(nn.Module):
         since each forward gathers parameters from all of them. `stream`: called with each step's tokens (B,)."""
         device = self.lm.embed.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
-        document_ids = torch.full((B, T), -1, dtype=torch.long, device=device)  # -1: left padding
-        for row, p in enumerate(prompts):
-            input_ids[row, T - len(p):], document_ids[row, T - len(p):] = p.to(device), 0
-        position_ids = ((document_ids >= 0).cumsum(1) - 1).clamp_min(0)  # 0, 1, .. from each row's first token
+        input_ids, position_ids, document_ids = left_padded(prompts, device)
         padded = bool((document_ids < 0).any())
         cache = KVCache(self.cfg.lm, B, T + max_new_tokens, device)
         out = torch.empty(B, 0, dtype=torch.long, device=device)
@@ -176,6 +168,17 @@ class VLM(nn.Module):
         for row in out.tolist():
             answers.append(row[:row.index(eos_id)] if eos_id in row else row)
         return answers
+
+
+def left_padded(prompts, device):
+    """1-D id tensors -> input_ids, position_ids, document_ids (B, T): rows left-padded to the longest, padding in
+    document -1 (attended by nothing else), positions 0, 1, .. from each row's first token."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    document_ids = torch.full((B, T), -1, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        input_ids[row, T - len(p):], document_ids[row, T - len(p):] = p.to(device), 0
+    return input_ids, ((document_ids >= 0).cumsum(1) - 1).clamp_min(0), document_ids
 
 
 def sample(logits, temperature, top_p, generator=None):
