@@ -232,23 +232,14 @@ def ranks(paths, size, repeats, world_size):
 
 
 def data_pipeline(root, frames, workers, epochs):
-    """Loader clips/s against raw torchcodec decoding of the same frames (as `python -m nanovlm.data --bench`),
-    on a small synthetic SSv2-style set rendered by prepare.py."""
+    """Loader clips/s against raw torchcodec decoding of the same frames (`python -m nanovlm.data --bench`), on a
+    small synthetic SSv2-style set rendered by prepare.py."""
     import prepare
-    from torch.utils.data import DataLoader
     prepare.make_synthetic(root, num_train=48, num_val=8, seed=0, pretrain_steps=0)
     dataset = data.VLMDataset(os.path.join(root, "something-something-v2_train.json"),
                               os.path.join(root, "20bn-something-something-v2"), data.load_tokenizer(f"{root}/lm"),
                               f"{root}/vision", "plain", frames, tokens_per_frame=1, max_tokens=1 << 20)
-    sampler = data.RowSampler(dataset, 4, max_frames_per_row=frames, packing=False)
-    loaders = {"full": data.make_loader(dataset, sampler, workers),
-               "raw": DataLoader(data._RawDecode(dataset), batch_sampler=sampler, num_workers=workers,
-                                 persistent_workers=workers > 0, collate_fn=list)}
-    rates = {name: [] for name in loaders}
-    for epoch in range(epochs + 1):  # epoch 0 starts the workers
-        for name, loader in loaders.items():
-            rates[name].append(data._epoch_clips_per_second(loader, sampler, epoch))
-    full, raw = (sorted(rates[n][1:])[len(rates[n][1:]) // 2] for n in ("full", "raw"))
+    full, raw = data.loader_speed(dataset, 4, workers, epochs)
     return {"clips": len(dataset), "frames": frames, "workers": workers, "full_clips_per_s": full,
             "raw_clips_per_s": raw, "full_over_raw": full / raw}
 

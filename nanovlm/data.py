@@ -597,6 +597,22 @@ def _epoch_clips_per_second(loader, sampler, epoch):
     return clips / (time.perf_counter() - start)
 
 
+def loader_speed(dataset, batch, workers, epochs):
+    """Median clips/s of the full pipeline and of raw decoding of the same frames, over `epochs` timed passes of
+    each, interleaved so that both see the same machine load. One clip per row, `batch` rows per batch."""
+    sampler = RowSampler(dataset, batch, max_frames_per_row=dataset.num_frames, packing=False)
+    loaders = {"full": make_loader(dataset, sampler, workers),
+               "raw": DataLoader(_RawDecode(dataset), batch_sampler=sampler, num_workers=workers,
+                                 persistent_workers=workers > 0, collate_fn=list)}
+    rates = {name: [] for name in loaders}
+    for epoch in range(epochs + 1):
+        for name, loader in loaders.items():
+            rate = _epoch_clips_per_second(loader, sampler, epoch)
+            if epoch > 0:  # epoch 0 starts the workers
+                rates[name].append(rate)
+    return tuple(sorted(rates[name])[len(rates[name]) // 2] for name in ("full", "raw"))  # medians
+
+
 def bench():
     parser = argparse.ArgumentParser(description="data loader throughput vs raw torchcodec decoding")
     parser.add_argument("--bench", action="store_true", required=True)
@@ -615,17 +631,7 @@ def bench():
                            tokens_per_frame=1, max_tokens=1 << 20, train=True)
     if any("video" not in record for record in dataset.records):
         sys.exit(f"{args.data}: --bench measures video decoding; use a JSON whose records all have 'video'")
-    sampler = RowSampler(dataset, args.batch, max_frames_per_row=args.frames, packing=False)
-    loaders = {"full": make_loader(dataset, sampler, args.workers),
-               "raw": DataLoader(_RawDecode(dataset), batch_sampler=sampler, num_workers=args.workers,
-                                 persistent_workers=args.workers > 0, collate_fn=list)}
-    rates = {name: [] for name in loaders}
-    for epoch in range(args.epochs + 1):  # interleaved so that both see the same machine load
-        for name, loader in loaders.items():
-            rate = _epoch_clips_per_second(loader, sampler, epoch)
-            if epoch > 0:  # epoch 0 starts the workers
-                rates[name].append(rate)
-    raw, full = (sorted(rates[name])[len(rates[name]) // 2] for name in ("raw", "full"))  # medians
+    full, raw = loader_speed(dataset, args.batch, args.workers, args.epochs)
     print(f"{len(dataset)} clips, {args.frames} frames -> {dataset.preprocess.size}px, {args.workers} workers")
     print(f"raw torchcodec decode: {raw:8.1f} clips/s")
     print(f"full pipeline:         {full:8.1f} clips/s  ({full / raw:.2f}x raw)")
