@@ -64,7 +64,7 @@ seed = 1337
 # system
 device = "auto"  # "auto": cuda if available, else cpu
 dtype = "auto"  # "auto": bfloat16 on cuda (fp32 master weights and reductions), float32 on cpu
-compile = False  # torch.compile each block
+compile = True  # torch.compile each block for training (evaluation runs eager): 1.36x a step on CPU (README)
 activation_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
 eval_interval = 100  # steps; also at the end
@@ -240,6 +240,7 @@ def all_reduce(values, device):
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a KV cache and left padding would recompile the blocks layer by layer
 def evaluate(model, val_set, tokenizer, device, autocast, world_size, rank, writer=None, step=0):
     """Validation loss (per supervised token) and exact-match accuracy of greedy answers, over all ranks; with
     eval_label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py)."""

@@ -25,7 +25,7 @@ import transformers as tf
 
 from nanovlm import data
 from nanovlm.metrics import FlopCounter, peak_flops
-from nanovlm.model import IGNORE, VISUAL_TOKEN, from_pretrained
+from nanovlm.model import IGNORE, VISUAL_TOKEN, VLM, from_pretrained, vlm_config
 
 SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 visual tokens per frame)
     "full": dict(lm=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -165,20 +165,23 @@ def median_seconds(steps, repeats, device):
 
 
 def peak_memory(fn, device):
-    """Peak bytes held during fn(): CUDA's allocator peak, or the process's peak RSS (reset through clear_refs
-    after returning freed heap to the OS, so earlier steps do not count)."""
+    """(peak bytes held during fn(), bytes held just before it): CUDA's allocator, or the process's RSS (its peak
+    reset through clear_refs after returning freed heap to the OS, so earlier steps do not count)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device), before
     import ctypes
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
     fn()
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), before
 
 
 def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
@@ -246,42 +249,105 @@ def data_pipeline(root, frames, workers, epochs):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def throughput(model, llava, size, dtypes, repeats, device):
-    """Both models, both batch kinds, each dtype: step time, tokens/s (padding excluded), MFU."""
-    cfg, flops = model.cfg, FlopCounter(model, True, True, True)
-    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in (model, llava)}
-    rows, losses = [], {}
-    for kind in ("fixed", "video"):
-        samples = make_samples(batch_specs(size, kind), cfg.tokens_per_frame, cfg.vision.image_size,
-                               cfg.lm.vocab_size)
-        ours = {k: v.to(device) for k, v in packed_batch(samples, size["max_tokens"]).items()}
-        theirs = {k: v.to(device) for k, v in padded_batch(samples, size["lm"]["vocab_size"] - 1).items()}
-        with torch.no_grad():  # the same model: the same loss, before anything is timed
-            losses[kind] = {"nanovlm": loss_of(model, ours).item(), "transformers": loss_of(llava, theirs).item()}
-        if abs(losses[kind]["nanovlm"] - losses[kind]["transformers"]) > 1e-4:
-            raise SystemExit(f"bench: {kind} batch loss differs: {losses[kind]}; the models are not the same")
-        supervised = int((ours["targets"] != IGNORE).sum())
-        tokens = int((ours["document_ids"] >= 0).sum())
-        step_flops = flops(ours["document_ids"].cpu(), supervised, len(ours["frames"]))
-        for dtype in dtypes:
-            peak, peak_source = peak_flops(device, dtype)
-            autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-            seconds = median_seconds({name: lambda m=m, b=b: train_step(m, optimizers[m], b, autocast)
-                                      for name, m, b in (("nanovlm", model, ours), ("transformers", llava, theirs))},
-                                     repeats, device)
-            for name, s in seconds.items():
-                rows.append({"batch": kind, "dtype": str(dtype).removeprefix("torch."), "model": name,
-                             "samples": len(samples), "shape": list((ours if name == "nanovlm" else theirs)[
-                                 "input_ids"].shape), "step_s": s, "tokens_per_s": tokens / s,
-                             "supervised_tokens_per_s": supervised / s, "samples_per_s": len(samples) / s,
-                             "mfu": step_flops / s / peak, "peak_flops": peak, "peak_source": peak_source})
-                print(f"{kind} {dtype} {name}: {s:.2f} s/step, MFU {rows[-1]['mfu']:.1%}", flush=True)
-    return rows, losses
+MODELS = ("nanovlm", "nanovlm compiled", "transformers")  # compiled: each block, as train.py does by default
+
+
+def contender(name, paths, size, threads, device, conn):
+    """One model in a process of its own, as a training run has it, taking a step (or its loss) when asked. Models
+    sharing one process slow each other down through memory: transformers' bf16 step took 3.8 s alone and 5.4 s
+    alternated with a compiled nanovlm in the same process, its page-faulting log-softmax 6x slower."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)  # the projector's init: the same in every process
+    model = from_pretrained(*paths, device=device)
+    if name == "transformers":
+        model = make_llava(model, size, *paths).to(device)
+    elif name == "nanovlm compiled":
+        for block in [*model.vision.layers, *model.lm.layers]:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    batches = {}
+    for kind, samples in make_batches(vlm_config(*paths), size).items():
+        batch = padded_batch(samples, size["lm"]["vocab_size"] - 1) if name == "transformers" else \
+            packed_batch(samples, size["max_tokens"])
+        batches[kind] = {k: v.to(device) for k, v in batch.items()}
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        what, kind, dtype = request
+        if what == "loss":
+            with torch.no_grad():
+                conn.send(loss_of(model, batches[kind]).item())
+            continue
+        dtype = getattr(torch, dtype)
+        train_step(model, optimizer, batches[kind],
+                   torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+        sync(device)
+        conn.send("done")
+
+
+def make_batches(cfg, size):
+    return {kind: make_samples(batch_specs(size, kind), cfg.tokens_per_frame, cfg.vision.image_size,
+                               cfg.lm.vocab_size) for kind in ("fixed", "video")}
+
+
+def throughput(paths, size, dtypes, repeats, device):
+    """Every model (a process each) on both batch kinds in each dtype: step time, tokens/s (padding excluded),
+    MFU; steps alternated model by model. "transformers" takes the padded batch, the others the packed one."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for name in MODELS:
+        conns[name], child = ctx.Pipe()
+        procs.append(ctx.Process(target=contender, args=(name, paths, size, torch.get_num_threads(), device, child)))
+        procs[-1].start()
+
+    def ask(name, request):
+        conns[name].send(request)
+        return conns[name].recv()
+
+    try:
+        for name in MODELS:
+            assert conns[name].recv() == "ready"
+        cfg = vlm_config(*paths)
+        with torch.device("meta"):
+            flops = FlopCounter(VLM(cfg), True, True, True)
+        rows, losses = [], {}
+        for kind, samples in make_batches(cfg, size).items():
+            # the same model: the same loss, before anything is timed
+            losses[kind] = {name: ask(name, ("loss", kind, None)) for name in MODELS}
+            if max(losses[kind].values()) - min(losses[kind].values()) > 1e-4:
+                raise SystemExit(f"bench: {kind} batch loss differs: {losses[kind]}; the models are not the same")
+            ours = packed_batch(samples, size["max_tokens"])
+            supervised = int((ours["targets"] != IGNORE).sum())
+            tokens = int((ours["document_ids"] >= 0).sum())
+            step_flops = flops(ours["document_ids"], supervised, len(ours["frames"]))
+            shapes = {name: list(ours["input_ids"].shape) for name in MODELS}
+            shapes["transformers"] = [len(samples), max(len(s["input_ids"]) for s in samples)]
+            for dtype in dtypes:
+                peak, peak_source = peak_flops(device, dtype)
+                dt = str(dtype).removeprefix("torch.")
+                seconds = median_seconds({name: lambda name=name: ask(name, ("step", kind, dt)) for name in MODELS},
+                                         repeats, device)
+                for name, s in seconds.items():
+                    rows.append({"batch": kind, "dtype": dt, "model": name, "samples": len(samples),
+                                 "shape": shapes[name], "step_s": s, "tokens_per_s": tokens / s,
+                                 "supervised_tokens_per_s": supervised / s, "samples_per_s": len(samples) / s,
+                                 "mfu": step_flops / s / peak, "peak_flops": peak, "peak_source": peak_source})
+                    print(f"{kind} {dtype} {name}: {s:.2f} s/step, MFU {rows[-1]['mfu']:.1%}", flush=True)
+        return rows, losses
+    finally:
+        for conn in conns.values():
+            try:
+                conn.send(None)
+            except OSError:  # that process has died: its error is on stderr
+                pass
+        for p in procs:
+            p.join()
 
 
 def checkpointing(model, size, dtype, repeats, device):
     """Peak memory with activation checkpointing off and on at each frame count (one sample of that many frames
-    per row), and the step time both ways at the middle frame count."""
+    per row), also counted above what the process held before the step; the step time both ways at the middle
+    frame count."""
     cfg = model.cfg
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -296,8 +362,10 @@ def checkpointing(model, size, dtype, repeats, device):
                                cfg.lm.vocab_size)
         batch = {k: v.to(device) for k, v in packed_batch(samples, len(samples[0]["input_ids"])).items()}
         step(batch, False)  # the optimizer state exists before the first measurement
-        off, on = (peak_memory(lambda: step(batch, flag), device) for flag in (False, True))
-        result["peak_bytes"][frames] = {"off": off, "on": on, "saved": 1 - on / off}
+        (off, held), (on, _) = (peak_memory(lambda: step(batch, flag), device) for flag in (False, True))
+        # held: what no checkpointing can touch (weights, AdamW state, libraries); the step adds activations + grads
+        result["peak_bytes"][frames] = {"off": off, "on": on, "saved": 1 - on / off, "held_before": held,
+                                        "step_saved": 1 - (on - held) / (off - held)}
         if frames == size["memory_frames"][len(size["memory_frames"]) // 2]:
             seconds = median_seconds({flag: lambda f=flag: step(batch, f) for flag in ("off", "on")}, repeats, device)
             result.update(frames_timed=frames, step_s=seconds, time_cost=seconds["on"] / seconds["off"] - 1)
@@ -325,10 +393,8 @@ def main(argv=None):
               "size": size}
     with tempfile.TemporaryDirectory() as root:
         paths = make_towers(root, size)
+        report["throughput"], report["loss_check"] = throughput(paths, size, dtypes, args.repeats, device)
         model = from_pretrained(*paths, device=device)
-        llava = make_llava(model, size, *paths).to(device)
-        report["throughput"], report["loss_check"] = throughput(model, llava, size, dtypes, args.repeats, device)
-        del llava
         report["checkpointing"] = checkpointing(model, size, dtypes[-1], args.repeats, device)
         del model
         if device.type == "cpu":  # gloo ranks on the same cores
@@ -347,14 +413,17 @@ def print_table(report):
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = report["throughput"]
     for r in rows:
-        other = next(o for o in rows if o["batch"] == r["batch"] and o["dtype"] == r["dtype"] and o is not r)
+        other = next(o for o in rows if (o["batch"], o["dtype"], o["model"]) == (r["batch"], r["dtype"],
+                                                                                 "transformers"))
         print(f"| {r['batch']} | {r['dtype']} | {r['model']} | {r['shape'][0]} x {r['shape'][1]} | "
               f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['supervised_tokens_per_s']:,.0f} | "
               f"{r['mfu']:.1%} | {r['tokens_per_s'] / other['tokens_per_s']:.2f}x |")
     ck = report["checkpointing"]
     for frames, m in ck["peak_bytes"].items():
         print(f"activation checkpointing, {frames} frames ({ck['dtype']}): peak {m['off'] / 1e9:.2f} GB -> "
-              f"{m['on'] / 1e9:.2f} GB ({m['saved']:.0%} less)")
+              f"{m['on'] / 1e9:.2f} GB ({m['saved']:.0%} less); above the {m['held_before'] / 1e9:.2f} GB held "
+              f"before the step: {(m['off'] - m['held_before']) / 1e9:.2f} -> {(m['on'] - m['held_before']) / 1e9:.2f}"
+              f" GB ({m['step_saved']:.0%} less)")
     print(f"  step time at {ck['frames_timed']} frames: {ck['step_s']['off']:.2f} s -> {ck['step_s']['on']:.2f} s "
           f"({ck['time_cost']:+.0%})")
     for r in report.get("ranks", []):

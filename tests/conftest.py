@@ -28,6 +28,6 @@ def run_args(synthetic, out_dir, **overrides):
                     media_root=f"{synthetic}/20bn-something-something-v2", num_frames=2, max_tokens=256,
                     max_steps=6, batch_size=2, global_batch_size=4, log_interval=1, eval_interval=1000,
                     eval_samples=4, max_new_tokens=4, ckpt_interval=1000, num_workers=1, train_lm=True,
-                    train_vision=True, warmup_ratio=0.2)
+                    train_vision=True, warmup_ratio=0.2, compile=False)
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]

@@ -24,10 +24,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(args, nproc=1, extra=()):
+def launch(args, nproc=1, extra=(), **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
            os.path.join(ROOT, "train.py"), *args] if nproc else [sys.executable, os.path.join(ROOT, "train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -82,6 +82,30 @@ def test_two_nodes_on_one_machine(synthetic, tmp_path):
         assert json.load(f)["max_steps"] == 3
 
 
+def test_compiled_blocks_train_as_eager_ones(synthetic, tmp_path):
+    """compile=True (the default): blocks compiled under FSDP on 2 ranks with activation checkpointing give the
+    losses of eager blocks; evaluation (generation with a KV cache) runs eager, without recompiling anything."""
+    common = dict(max_steps=4, activation_checkpointing=True, eval_interval=2, eval_samples=4)
+    eager = launch(run_args(synthetic, tmp_path / "eager", **common), nproc=2)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    cache = tmp_path / "inductor"
+    compiled = launch(run_args(synthetic, tmp_path / "compiled", **dict(common, compile=True)), nproc=2,
+                      TORCHINDUCTOR_CACHE_DIR=str(cache), TORCH_LOGS="recompiles")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert any(cache.rglob("*.py")), "nothing was compiled"
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    with open(tmp_path / "eager" / "log.jsonl") as f, open(tmp_path / "compiled" / "log.jsonl") as g:
+        evals = [[m for m in map(json.loads, h) if "val_loss" in m] for h in (f, g)]
+    assert [m["step"] for m in evals[0]] == [m["step"] for m in evals[1]] == [2, 4]
+    for e, c in zip(*evals):
+        assert e["val_accuracy"] == c["val_accuracy"] and abs(e["val_loss"] - c["val_loss"]) <= 1e-5
+    recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
+    assert len(recompiles) <= 4, recompiles  # per rank: the first row shape seen, then dynamic shapes
+
+
 @pytest.fixture
 def process_group():
     store = dist.HashStore()
@@ -102,6 +126,7 @@ def test_frozen_stage_gets_no_gradient_and_does_not_change(synthetic, process_gr
     monkeypatch.setattr(train, "vision_path", f"{synthetic}/vision")
     monkeypatch.setattr(train, "lm_path", f"{synthetic}/lm")
     monkeypatch.setattr(train, "train_lm", False)
+    monkeypatch.setattr(train, "compile", False)
     cfg = vlm_config(f"{synthetic}/vision", f"{synthetic}/lm")
     model = train.build_model(cfg, torch.device("cpu"), torch.float32, 0)
     optimizer = train.make_optimizer(model, torch.device("cpu"))
