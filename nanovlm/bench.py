@@ -253,9 +253,16 @@ MODELS = ("nanovlm", "nanovlm compiled", "transformers")  # compiled: each block
 
 
 def contender(name, paths, size, threads, device, conn):
-    """One model in a process of its own, as a training run has it, taking a step (or its loss) when asked. Models
-    sharing one process slow each other down through memory: transformers' bf16 step took 3.8 s alone and 5.4 s
-    alternated with a compiled nanovlm in the same process, its page-faulting log-softmax 6x slower."""
+    """One model in a process of its own, as a training run has it, taking a step (or its loss) when asked.
+    Each keeps the memory it frees (glibc: no mmap'd chunks, no trimming), so that no step pays for faulting in
+    fresh pages: on a VM that hands freed pages back to the host that cost is large and depends on what else the
+    machine holds (transformers' bf16 step: 4.2 s, 6.0 s with an idle 8 GB process beside it; its log-softmax,
+    on fresh 400 MB buffers, 6x slower)."""
+    if device.type == "cpu":
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD
     torch.set_num_threads(threads)
     torch.manual_seed(0)  # the projector's init: the same in every process
     model = from_pretrained(*paths, device=device)
