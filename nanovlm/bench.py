@@ -1,13 +1,14 @@
 """`python -m nanovlm.bench`: how fast nanovlm trains, against transformers' LLaVA on the same weights.
 
 The towers are random-init Hugging Face checkpoints written to a temporary directory (a SmolLM2-135M-sized Llama
-and a small CLIP; `--quick` for tiny ones), loaded once by nanovlm and once into `LlavaForConditionalGeneration`,
-the projector copied across. Before anything is timed, both models' losses on the same batch must agree.
+and a small CLIP; `--quick` for tiny ones), loaded three times, each in a process of its own: by nanovlm with eager
+blocks, by nanovlm with compiled blocks (train.py's default), and into `LlavaForConditionalGeneration`, the
+projector copied across. Before anything is timed, the three losses on the same batch must agree.
 
 Every figure is the median of `--repeats` steps (forward + backward + AdamW) inside this one run, the contenders
-alternated step by step, so both see the same machine load. MFU is model FLOPs (`metrics.FlopCounter`: 6N per
+alternated step by step, so all see the same machine load. MFU is model FLOPs (`metrics.FlopCounter`: 6N per
 token for the LM blocks, the LM head on supervised tokens only, causal attention per sample, the vision tower per
-frame; the same count for both models) over the peak of a dense matmul of the same dtype timed in this run.
+frame; the same count for all models) over the peak of a dense matmul of the same dtype timed in this run.
 Peak memory is the process's peak RSS during one step (Linux `clear_refs`), or CUDA's peak allocation.
 """
 
@@ -292,6 +293,7 @@ def contender(name, paths, size, threads, device, conn):
 
 
 def make_batches(cfg, size):
+    """{"fixed" | "video": samples}: the same in every process (seeded)."""
     return {kind: make_samples(batch_specs(size, kind), cfg.tokens_per_frame, cfg.vision.image_size,
                                cfg.lm.vocab_size) for kind in ("fixed", "video")}
 
