@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -125,6 +126,11 @@ def check_config(c, world_size):
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise ConfigError(f"out_dir={c['out_dir']!r} is not writable: {existing} is "
                           f"{'read-only' if os.path.isdir(existing) else 'a file'}; choose another out_dir")
+    on_cpu = c["device"] == "cpu" or (c["device"] == "auto" and not torch.cuda.is_available())
+    cxx = os.environ.get("CXX", "g++")  # what torch.compile builds CPU kernels with
+    if c["compile"] and on_cpu and not shutil.which(cxx):
+        raise ConfigError(f"compile=True needs a C++ compiler on the CPU and {cxx!r} is not found: install one "
+                          f"(apt-get install g++) or pass --compile=False")
     if c["max_frames_per_row"] < c["num_frames"]:
         raise ConfigError(f"max_frames_per_row={c['max_frames_per_row']} cannot hold one video of "
                           f"num_frames={c['num_frames']}; raise it")

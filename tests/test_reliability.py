@@ -283,6 +283,8 @@ HOSTILE_CONFIGS = [
     ("unknown template", ["--template=llama"], "template='llama' is not one of plain, chat, vicuna_v1"),
     ("unknown projector", ["--projector=mlp3x"], "projector='mlp3x' is not one of"),
     ("init_from not a run", ["--init_from={t}/empty"], "init_from="),
+    ("compile without a C++ compiler", ["--compile=True", "CXX={t}/no-such-g++"],
+     "compile=True needs a C++ compiler on the CPU and "),
 ]
 
 
@@ -330,8 +332,9 @@ def test_hostile_config_fails_before_any_work(case, extra, message, synthetic, b
         os.chmod(bad_towers / "read_only", 0o500)
     argv = run_args(synthetic, tmp_path / "out")
     for arg in extra:
-        if arg.startswith("WORLD_SIZE="):
-            monkeypatch.setenv("WORLD_SIZE", arg.partition("=")[2])
+        if arg.partition("=")[0].isupper():  # an environment variable
+            name, _, value = arg.partition("=")
+            monkeypatch.setenv(name, value.format(t=bad_towers))
         elif arg.startswith("{f}"):
             (tmp_path / "config.py").write_text(arg[3:] + "\n")
             argv.append(str(tmp_path / "config.py"))
