@@ -84,7 +84,7 @@ def test_two_nodes_on_one_machine(synthetic, tmp_path):
 
 def test_compiled_blocks_train_as_eager_ones(synthetic, tmp_path):
     """compile=True (the default): blocks compiled under FSDP on 2 ranks with activation checkpointing give the
-    losses of eager blocks; evaluation (generation with a KV cache) runs eager, without recompiling anything."""
+    losses of eager blocks; evaluation (generation with a KV cache) runs eager instead of recompiling the blocks."""
     common = dict(max_steps=4, activation_checkpointing=True, eval_interval=2, eval_samples=4)
     eager = launch(run_args(synthetic, tmp_path / "eager", **common), nproc=2)
     assert eager.returncode == 0, eager.stderr[-3000:]
