@@ -126,9 +126,8 @@ def check_config(c, world_size):
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise ConfigError(f"out_dir={c['out_dir']!r} is not writable: {existing} is "
                           f"{'read-only' if os.path.isdir(existing) else 'a file'}; choose another out_dir")
-    on_cpu = c["device"] == "cpu" or (c["device"] == "auto" and not torch.cuda.is_available())
     cxx = os.environ.get("CXX", "g++")  # what torch.compile builds CPU kernels with
-    if c["compile"] and on_cpu and not shutil.which(cxx):
+    if c["compile"] and not uses_cuda(c["device"]) and not shutil.which(cxx):
         raise ConfigError(f"compile=True needs a C++ compiler on the CPU and {cxx!r} is not found: install one "
                           f"(apt-get install g++) or pass --compile=False")
     if c["max_frames_per_row"] < c["num_frames"]:
@@ -158,12 +157,16 @@ def resolve(path):
     return snapshot_download(path)
 
 
+def uses_cuda(device_name):
+    return device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+
+
 def setup_distributed(device_name):
     """Always a process group (gloo on CPU, nccl on CUDA), also for one process, so the code path is one."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    cuda = uses_cuda(device_name)
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")

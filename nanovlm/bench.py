@@ -178,11 +178,15 @@ def peak_memory(fn, device):
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    with open("/proc/self/status") as f:
-        before = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+    before = process_memory("VmRSS")
     fn()
+    return process_memory("VmHWM"), before
+
+
+def process_memory(key):
+    """Bytes of a /proc/self/status entry: VmRSS (now) or VmHWM (the peak)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), before
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
 def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
@@ -199,9 +203,7 @@ def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
     device = train.setup_distributed("cpu")
     model = train.build_model(train.vlm_config(*paths), device, torch.float32, rank)
     optimizer = train.make_optimizer(model, device)
-    cfg = model.cfg
-    samples = make_samples(batch_specs(size, "fixed"), cfg.tokens_per_frame, cfg.vision.image_size,
-                           cfg.lm.vocab_size)
+    samples = make_batches(model.cfg, size, ("fixed",))["fixed"]
     count = sum(int((s["targets"] != IGNORE).sum()) for s in samples)
     per_rank = len(samples) // world_size
     batch = packed_batch(samples[rank * per_rank:(rank + 1) * per_rank], size["max_tokens"])
@@ -292,10 +294,10 @@ def contender(name, paths, size, threads, device, conn):
         conn.send("done")
 
 
-def make_batches(cfg, size):
-    """{"fixed" | "video": samples}: the same in every process (seeded)."""
+def make_batches(cfg, size, kinds=("fixed", "video")):
+    """{kind: samples}: the same in every process (seeded)."""
     return {kind: make_samples(batch_specs(size, kind), cfg.tokens_per_frame, cfg.vision.image_size,
-                               cfg.lm.vocab_size) for kind in ("fixed", "video")}
+                               cfg.lm.vocab_size) for kind in kinds}
 
 
 def throughput(paths, size, dtypes, repeats, device):
