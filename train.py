@@ -1,11 +1,14 @@
 """Train a video VLM: `torchrun --nproc_per_node=N train.py config/X.py --key=value ...` (or `python train.py ...`).
 
-The defaults below are the documentation. Order of work: the config is checked (unknown keys, types, paths,
-batch arithmetic) before anything is written or loaded; the model is built on the meta device, sharded with FSDP2
-(`fully_shard` per block, then the root), and its weights are loaded once on rank 0 and broadcast; then a plain
-loop: fetch the step's micro-batches, count their supervised tokens across ranks, and backprop each micro-batch's
-summed loss divided by that global count, so every supervised token weighs the same whatever the packing, the
-number of ranks or of micro-steps. Gradients are summed across ranks (divide factor 1) to match.
+The defaults below are the documentation. Order of work: the settings are checked (unknown keys, types, paths,
+batch arithmetic) before anything is written or loaded, and travel as one Config object (`c`) that every
+function here receives; the model is built on the meta device, sharded by `nanovlm.parallel.parallelize`
+(activation checkpointing, compile, `fully_shard` per block, then the root), and every rank reads only its rows of
+the checkpoints; then a plain loop: fetch the step's micro-batches, count their supervised tokens across ranks, and
+backprop each micro-batch's summed loss divided by that global count, so every supervised token weighs the same
+whatever the packing, the number of ranks or of micro-steps. Gradients are summed across ranks (divide factor 1)
+to match. Every rank issues the same collectives whatever its batch holds (text only, unreadable media, no
+validation sample at all): the towers always run, on a blank frame if need be.
 """
 
 import json
@@ -74,16 +77,21 @@ eval_batch_size = 16
 max_new_tokens = 24  # for greedy answers
 eval_label_set = False  # label-set tasks (SSv2): also score every distinct validation answer by likelihood (top-1,
 # top-5, per class, direction pairs), and again with each clip's frames shuffled (does the model use their order?)
+eval_score_chunk = 256  # label-set scoring: candidate tokens continuing the prompts at once (memory: the prompts'
+#                         KV cache + this many tokens per prompt, whatever the number of candidates)
 eval_strips = 4  # validation clips shown in TensorBoard at each evaluation: frames, reference and answer
 log_interval = 10
 ckpt_interval = 100
 keep_last = 2
 # -----------------------------------------------------------------------------------------------------------------
 
-from nanovlm import checkpoint, data, hf, scoring  # noqa: E402  (after the defaults, which are the docs)
-from nanovlm.config import ConfigError, configure  # noqa: E402
+from nanovlm import checkpoint, data, scoring  # noqa: E402  (after the defaults, which are the docs)
+from nanovlm.config import Config, ConfigError, configure, defaults  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
-from nanovlm.model import IGNORE, VLM, build, load_trained, vlm_config  # noqa: E402
+from nanovlm.model import IGNORE, vlm_config  # noqa: E402
+from nanovlm.parallel import build_sharded, setup_distributed, uses_cuda  # noqa: E402
+
+DEFAULTS = defaults(vars())  # the settings above, collected once; configure() starts from a copy
 
 
 def print0(*args, **kwargs):
@@ -91,62 +99,81 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def check_config(c, world_size):
+def settings(argv) -> Config:
+    """The run's settings from config files and --key=value arguments, checked; a bad one ends the process with
+    exit code 2 and one line on stderr, before anything is loaded or written."""
+    try:
+        c = configure(DEFAULTS, argv)
+        check_config(c, int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return c
+
+
+def check_config(c: Config, world_size):
     """Everything that can be known wrong before heavy work, one line each, in well under a second: it reads only
     the towers' config.json files and writes nothing. (Building the model or the data would find some of these
     too, but only after loading weights and tokenizing, and as tracebacks.)"""
     min_text = 32  # tokens a row must have left after one video's visual tokens, for a prompt and an answer
     for key in ("batch_size", "global_batch_size", "max_steps", "num_frames", "max_tokens", "max_frames_per_row",
                 "pool_stride", "eval_batch_size", "log_interval", "eval_interval", "ckpt_interval", "keep_last",
-                "max_bad_steps"):
-        if c[key] < 1:
-            raise ConfigError(f"{key}={c[key]} must be at least 1")
+                "max_bad_steps", "eval_score_chunk"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key}={getattr(c, key)} must be at least 1")
     for key, choices in (("projector", ("mlp2x_gelu", "linear")), ("template", data.TEMPLATES),
                          ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "bfloat16", "float32"))):
-        if c[key] not in choices:
-            raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(choices)}")
+        if getattr(c, key) not in choices:
+            raise ConfigError(f"{key}={getattr(c, key)!r} is not one of {', '.join(choices)}")
     for key in ("train_data", "val_data", "media_root"):
-        if not os.path.exists(c[key]):
-            raise ConfigError(f"{key}={c[key]!r} does not exist (run `python prepare.py` for the demo data)")
+        if not os.path.exists(getattr(c, key)):
+            raise ConfigError(f"{key}={getattr(c, key)!r} does not exist (run `python prepare.py` for the demo data)")
     for key in ("vision_path", "lm_path"):
-        if not os.path.isdir(c[key]) and not (c[key].count("/") == 1 and not c[key].startswith((".", "/"))):
-            raise ConfigError(f"{key}={c[key]!r} is neither a directory nor a hub id")
-    per_step = c["batch_size"] * world_size
-    if c["global_batch_size"] % per_step:
-        raise ConfigError(f"global_batch_size={c['global_batch_size']} is not divisible by batch_size x ranks = "
-                          f"{c['batch_size']} x {world_size}")
-    if not (c["train_vision"] or c["train_projector"] or c["train_lm"]):
+        check_tower_path(key, getattr(c, key))
+    if c.global_batch_size % (c.batch_size * world_size):
+        raise ConfigError(f"global_batch_size={c.global_batch_size} is not divisible by batch_size x ranks = "
+                          f"{c.batch_size} x {world_size}")
+    if not (c.train_vision or c.train_projector or c.train_lm):
         raise ConfigError("nothing to train: set one of train_vision, train_projector, train_lm")
-    if c["init_from"] not in ("hf", "resume") and \
-            not os.path.isfile(os.path.join(c["init_from"], "trained.safetensors")):
-        raise ConfigError(f"init_from={c['init_from']!r}: expected 'hf', 'resume' or a run's final/ directory")
-    existing = os.path.abspath(c["out_dir"])  # the directory that makedirs(out_dir) would write into
+    if c.init_from not in ("hf", "resume") and not os.path.isfile(os.path.join(c.init_from, "trained.safetensors")):
+        raise ConfigError(f"init_from={c.init_from!r}: expected 'hf', 'resume' or a run's final/ directory")
+    existing = os.path.abspath(c.out_dir)  # the directory that makedirs(out_dir) would write into
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ConfigError(f"out_dir={c['out_dir']!r} is not writable: {existing} is "
+        raise ConfigError(f"out_dir={c.out_dir!r} is not writable: {existing} is "
                           f"{'read-only' if os.path.isdir(existing) else 'a file'}; choose another out_dir")
     cxx = os.environ.get("CXX", "g++")  # what torch.compile builds CPU kernels with
-    if c["compile"] and not uses_cuda(c["device"]) and not shutil.which(cxx):
+    if c.compile and not uses_cuda(c.device) and not shutil.which(cxx):
         raise ConfigError(f"compile=True needs a C++ compiler on the CPU and {cxx!r} is not found: install one "
                           f"(apt-get install g++) or pass --compile=False")
-    if c["max_frames_per_row"] < c["num_frames"]:
-        raise ConfigError(f"max_frames_per_row={c['max_frames_per_row']} cannot hold one video of "
-                          f"num_frames={c['num_frames']}; raise it")
-    if not (os.path.isdir(c["vision_path"]) and os.path.isdir(c["lm_path"])):
+    if c.max_frames_per_row < c.num_frames:
+        raise ConfigError(f"max_frames_per_row={c.max_frames_per_row} cannot hold one video of "
+                          f"num_frames={c.num_frames}; raise it")
+    if not (os.path.isdir(c.vision_path) and os.path.isdir(c.lm_path)):
         return  # hub ids: their config.json is checked once downloaded
     try:  # architecture, vision_select_layer, and the visual tokens per frame, from the config.json files alone
-        cfg = vlm_config(c["vision_path"], c["lm_path"], c["projector"], c["pool_stride"], c["vision_select_layer"])
+        cfg = vlm_config(c.vision_path, c.lm_path, c.projector, c.pool_stride, c.vision_select_layer)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     except KeyError as e:
-        raise ConfigError(f"a config.json in {c['vision_path']} or {c['lm_path']} lacks the key {e}") from None
-    num_visual = c["num_frames"] * cfg.tokens_per_frame
-    if c["max_tokens"] - num_visual < min_text:
-        raise ConfigError(f"num_frames={c['num_frames']} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
-                          f"visual tokens leave {c['max_tokens'] - num_visual} of max_tokens={c['max_tokens']} for "
-                          f"text (at least {min_text} needed); raise max_tokens or pool_stride, or lower "
-                          f"num_frames")
+        raise ConfigError(f"a config.json in {c.vision_path} or {c.lm_path} lacks the key {e}") from None
+    num_visual = c.num_frames * cfg.tokens_per_frame
+    if c.max_tokens - num_visual < min_text:
+        raise ConfigError(f"num_frames={c.num_frames} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
+                          f"visual tokens leave {c.max_tokens - num_visual} of max_tokens={c.max_tokens} for text "
+                          f"(at least {min_text} needed); raise max_tokens or pool_stride, or lower num_frames")
+
+
+def check_tower_path(key, path):
+    """A tower is a local directory or a hub id ("org/name"). A path whose first part exists here, or that starts
+    with . or /, is local: missing, it is an error here, not a hub lookup that fails later."""
+    if os.path.isdir(path):
+        return
+    first = path.split("/")[0]
+    if path.count("/") != 1 or path.startswith((".", "/")) or os.path.exists(first):
+        raise ConfigError(f"{key}={path!r} is not a directory (and not a hub id); for data/smollm2 run "
+                          f"`python prepare.py smollm2`, for the demo towers `python prepare.py`")
 
 
 def resolve(path):
@@ -157,84 +184,26 @@ def resolve(path):
     return snapshot_download(path)
 
 
-def uses_cuda(device_name):
-    return device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-
-
-def setup_distributed(device_name):
-    """Always a process group (gloo on CPU, nccl on CUDA), also for one process, so the code path is one."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-    cuda = uses_cuda(device_name)
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-
-
-def build_model(cfg, device, dtype, rank):
-    """FSDP2-sharded model; weights read from disk by rank 0 only and broadcast (one full copy in all)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    full_state = {}
-    if rank == 0:
-        torch.manual_seed(seed)  # the projector's init
-        full = build(cfg, "cpu")
-        hf.load_vision(full.vision, vision_path)
-        hf.load_lm(full.lm, lm_path)
-        if init_from not in ("hf", "resume"):  # a previous run's trained weights: e.g. stage 1's projector
-            load_trained(full, os.path.join(init_from, "trained.safetensors"))
-        full_state = full.state_dict()
-    with torch.device("meta"):
-        model = VLM(cfg)
-    model.vision.requires_grad_(train_vision)
-    model.projector.requires_grad_(train_projector)
-    model.lm.requires_grad_(train_lm)
-    model.lm.grad_checkpointing = model.vision.grad_checkpointing = activation_checkpointing
-    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-    fsdp_kwargs = dict(mesh=mesh, **({"mp_policy": mp} if mp else {}))
-    for block in [*model.vision.layers, *model.lm.layers]:
-        if compile:
-            block.compile()
-        fully_shard(block, **fsdp_kwargs)
-    fully_shard(model, **fsdp_kwargs)
-    model.to_empty(device=device)
-    model.lm.init_weights()  # RoPE buffers: not in any state dict
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full_state
-    # loss is divided by the global supervised-token count, so gradients must be summed, not averaged, over ranks;
-    # each fully_shard unit (every block and the root) reduces its own gradients and needs telling
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            if device.type == "cpu":
-                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-    return model
-
-
-def make_optimizer(model, device):
+def make_optimizer(model, c: Config):
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = name.split(".")[0]  # vision | projector | lm
-        lr = {"vision": vision_learning_rate, "projector": learning_rate, "lm": lm_learning_rate}[part]
+        lr = {"vision": c.vision_learning_rate, "projector": c.learning_rate, "lm": c.lm_learning_rate}[part]
         decay = p.ndim >= 2 and "embed" not in name  # no decay on norms, biases, embeddings
         groups.setdefault((part, decay), {"params": [], "lr": lr, "peak_lr": lr,
-                                          "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
-    return torch.optim.AdamW(list(groups.values()), betas=(beta1, beta2), fused=True)  # CPU too: 1.13x a step
+                                          "weight_decay": c.weight_decay if decay else 0.0})["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()), betas=(c.beta1, c.beta2), fused=True)  # CPU too: 1.13x a step
 
 
-def lr_factor(step):
+def lr_factor(step, c: Config):
     """Linear warmup to 1, then cosine to min_lr_ratio at max_steps."""
-    warmup = max(1, round(warmup_ratio * max_steps))
+    warmup = max(1, round(c.warmup_ratio * c.max_steps))
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - warmup) / max(1, c.max_steps - warmup))
+    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def to_device(batch, device):
@@ -249,216 +218,263 @@ def all_reduce(values, device):
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # a KV cache and left padding would recompile the blocks layer by layer
-def evaluate(model, val_set, tokenizer, device, autocast, world_size, rank, writer=None, step=0):
+@torch.compiler.set_stance("force_eager")  # a KV cache and right padding would recompile the blocks layer by layer
+def evaluate(model, val_set, tokenizer, device, autocast, c: Config, writer=None, step=0):
     """Validation loss (per supervised token) and exact-match accuracy of greedy answers, over all ranks; with
-    eval_label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py)."""
+    eval_label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py).
+    A metric over no sample is left out, with a warning, rather than reported as a number."""
     model.eval()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     loss_sum, count, correct, answered = 0.0, 0, 0, 0
-    if eval_label_set:
+    labels = scorer = None
+    if c.eval_label_set:
         labels, choices = scoring.candidates(val_set)
-        index, K = {label: i for i, label in enumerate(labels)}, len(labels)
-        tallies = torch.zeros(2, K * K + 1, dtype=torch.float64)  # in order / shuffled: confusion, top-5 hits
-        shuffler = torch.Generator().manual_seed(seed)
-    for b, batch in enumerate(data.eval_batches(val_set, eval_batch_size, rank, world_size, eval_samples)):
+        scorer = LabelSetTally(labels, choices, c)
+    for b, batch in enumerate(data.eval_batches(val_set, c.eval_batch_size, rank, world_size, c.eval_samples)):
         batch = to_device(batch, device)
         with autocast:
             loss, n = model(batch["input_ids"], batch["frames"], batch["targets"], batch["position_ids"],
                             batch["document_ids"])
-        loss_sum, count = loss_sum + loss.item(), count + n.item()
-        with autocast:
-            answers = model.generate(batch["prompts"], batch["prompt_frames"], max_new_tokens=max_new_tokens,
+            answers = model.generate(batch["prompts"], batch["prompt_frames"], max_new_tokens=c.max_new_tokens,
                                      eos_id=tokenizer.eos_token_id, distributed=world_size > 1)
+        loss_sum, count = loss_sum + loss.item(), count + n.item()
         answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
         for answer, reference in zip(answers, batch["answers"]):
             correct += data.normalize_answer(answer) == data.normalize_answer(reference)
             answered += 1
         counts = scoring.frame_counts(batch["prompts"], model.cfg.tokens_per_frame)
-        if eval_label_set:
-            references = torch.tensor([index[a] for a in batch["answers"]])
-            shuffled = scoring.shuffle_frames(batch["prompt_frames"], counts, shuffler)
-            for tally, frames in zip(tallies, (batch["prompt_frames"], shuffled)):
-                with autocast:
-                    scores = model.score(batch["prompts"], frames, choices).cpu()
-                tally[:K * K].view(K, K).index_put_((references, scores.argmax(1)),
-                                                    torch.ones(len(references), dtype=torch.float64), accumulate=True)
-                tally[-1] += (scores.topk(min(5, K)).indices == references[:, None]).any(1).sum()
+        if scorer is not None:
+            with autocast:
+                scorer.add(model, batch, counts)
         if writer is not None and b == 0:
-            show_clips(writer, step, batch, counts, answers, val_set.preprocess)
+            show_clips(writer, step, batch, counts, answers, c.eval_strips)
     loss_sum, count, correct, answered = all_reduce([loss_sum, count, correct, answered], device)
-    metrics = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(answered, 1),
-               "val_samples": int(answered)}
-    if eval_label_set:
-        tallies = tallies.to(device)
-        dist.all_reduce(tallies)
-        pairs = scoring.direction_pairs(labels)
-        for name, tally in zip(("", "_shuffled"), tallies.cpu()):
-            for k, v in scoring.summary(tally[:K * K].view(K, K), tally[-1], labels, pairs).items():
-                metrics[f"val_{k}{name}"] = v
     model.train()
+    if not answered:
+        print0("warning: no readable validation sample: no validation metrics (see the warnings above)",
+               file=sys.stderr)
+        return {"val_samples": 0}
+    metrics = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / answered, "val_samples": int(answered)}
+    if scorer is not None:
+        metrics.update(scorer.metrics(device))
     return metrics
 
 
-def show_clips(writer, step, batch, counts, answers, pre):
+class LabelSetTally:
+    """Confusion matrices and top-5 hits of label-set scoring, frames in order and shuffled within each clip."""
+
+    def __init__(self, labels, choices, c: Config):
+        self.labels, self.choices, self.chunk = labels, choices, c.eval_score_chunk
+        self.index, K = {label: i for i, label in enumerate(labels)}, len(labels)
+        self.tallies = torch.zeros(2, K * K + 1, dtype=torch.float64)  # in order / shuffled: confusion, top-5
+        self.shuffler = torch.Generator().manual_seed(c.seed)
+
+    def add(self, model, batch, counts):
+        K = len(self.labels)
+        references = torch.tensor([self.index[a] for a in batch["answers"]], dtype=torch.long)
+        shuffled = scoring.shuffle_frames(batch["prompt_frames"], counts, self.shuffler)
+        for tally, frames in zip(self.tallies, (batch["prompt_frames"], shuffled)):
+            scores = model.score(batch["prompts"], frames, self.choices, self.chunk).cpu()
+            tally[:K * K].view(K, K).index_put_((references, scores.argmax(1)),
+                                                torch.ones(len(references), dtype=torch.float64), accumulate=True)
+            tally[-1] += (scores.topk(min(5, K)).indices == references[:, None]).any(1).sum()
+
+    def metrics(self, device):
+        K, tallies = len(self.labels), self.tallies.to(device)
+        dist.all_reduce(tallies)
+        pairs, metrics = scoring.direction_pairs(self.labels), {}
+        for name, tally in zip(("", "_shuffled"), tallies.cpu()):
+            for k, v in scoring.summary(tally[:K * K].view(K, K), tally[-1], self.labels, pairs).items():
+                metrics[f"val_{k}{name}"] = v
+        return metrics
+
+
+def show_clips(writer, step, batch, counts, answers, eval_strips):
     """TensorBoard: the first eval_strips clips of a validation batch as frame strips, with reference and answer."""
-    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
-    frames = batch["prompt_frames"].float().cpu().split(counts)
+    frames = batch["prompt_frames"].cpu().split(counts)
     for i, (clip, reference, answer) in enumerate(zip(frames[:eval_strips], batch["answers"], answers)):
         if len(clip):
-            strip = torch.cat(list(clip), dim=2) * std + mean  # (3, H, frames * W), back to [0, 1]
-            writer.add_image(f"val_clip_{i}", strip.clamp(0, 1), step)
+            writer.add_image(f"val_clip_{i}", torch.cat(list(clip), dim=2), step)  # (3, H, frames * W) uint8
         writer.add_text(f"val_clip_{i}", f"reference: {reference}  \nanswer: {answer}", step)
 
 
-def main():
-    try:
-        config = configure(globals(), sys.argv[1:])
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        check_config(config, world_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    device = setup_distributed(globals()["device"])
+def train_step(model, optimizer, micro, c: Config, device, autocast, flops):
+    """One optimizer step over this rank's micro-batches -> (loss per supervised token, grad norm, FLOPs, tokens),
+    each over all ranks. A non-finite loss or gradient norm (reduced over all ranks, so every rank agrees) skips
+    the optimizer step: the caller sees it in the returned values."""
+    supervised = [int((b["targets"] != IGNORE).sum()) for b in micro]  # counted once, on the CPU tensors
+    [global_count] = all_reduce([sum(supervised)], device)
+    loss_sum, step_flops, tokens = torch.zeros((), device=device), 0.0, 0
+    for b, num_supervised in zip(micro, supervised):
+        step_flops += flops(b["document_ids"], num_supervised, b["frames"].shape[0])
+        tokens += int((b["document_ids"] >= 0).sum())
+        b = to_device(b, device)
+        with autocast:
+            loss, _ = model(b["input_ids"], b["frames"], b["targets"], b["position_ids"], b["document_ids"])
+        (loss / max(global_count, 1)).backward()
+        loss_sum += loss.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss_sum, step_flops, tokens = all_reduce([loss_sum, step_flops, tokens], device)
+    loss_value = loss_sum / max(global_count, 1)
+    if math.isfinite(loss_value) and torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm.item(), step_flops, tokens
+
+
+def write_final(model, c: Config, tokenizer):
+    """out_dir/final: the trained weights, where the towers came from, the tokenizer."""
+    final = os.path.join(c.out_dir, "final")
+    checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(final, "nanovlm.json"), "w") as f:
+            json.dump({"vision_path": c.vision_path, "lm_path": c.lm_path, "projector": c.projector,
+                       "pool_stride": c.pool_stride, "vision_select_layer": c.vision_select_layer,
+                       "template": c.template, "num_frames": c.num_frames}, f, indent=1)
+        tokenizer.save_pretrained(final)
+    return final
+
+
+class Logger:
+    """Rank 0's log.jsonl, TensorBoard scalars and progress bar; the other ranks' do nothing."""
+
+    def __init__(self, c: Config, rank, step):
+        self.on = rank == 0
+        if self.on:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+            self.writer = SummaryWriter(c.out_dir)
+            self.file = open(os.path.join(c.out_dir, "log.jsonl"), "a")
+            self.bar = tqdm(total=c.max_steps, initial=step, dynamic_ncols=True)
+        else:
+            self.writer = None
+
+    def log(self, metrics):
+        if self.on:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):  # per-class tables go to eval.json only
+                    self.writer.add_scalar(k, v, metrics["step"])
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def progress(self, loss, tokens_per_s):
+        if self.on:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+
+    def close(self):
+        if self.on:
+            self.bar.close()
+            self.writer.close()
+
+
+def run(c: Config, device):
+    """Everything after the process group: model, data, the loop, the final weights."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dt = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-          "float32": torch.float32}[globals()["dtype"]]
+          "float32": torch.float32}[c.dtype]
     autocast = torch.autocast(device.type, dtype=dt) if dt != torch.float32 else nullcontext()
-    globals().update(vision_path=resolve(vision_path), lm_path=resolve(lm_path))
-    grad_accum = global_batch_size // (batch_size * world_size)
+    c.vision_path, c.lm_path = resolve(c.vision_path), resolve(c.lm_path)
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        print0(json.dumps(config, indent=1))
-
-    cfg = vlm_config(vision_path, lm_path, projector, pool_stride, vision_select_layer)
-    model = build_model(cfg, device, dt, rank)
-    optimizer = make_optimizer(model, device)
-    tokenizer = data.load_tokenizer(lm_path)
-    common = dict(tokenizer=tokenizer, media_root=media_root, vision_path=vision_path, template=template,
-                  num_frames=num_frames, tokens_per_frame=cfg.tokens_per_frame, max_tokens=max_tokens)
-    val_set = data.VLMDataset(val_data, train=False, seed=seed, **common)
+        os.makedirs(c.out_dir, exist_ok=True)
+        with open(os.path.join(c.out_dir, "config.json"), "w") as f:
+            json.dump(vars(c), f, indent=1)
+        print0(json.dumps(vars(c), indent=1))
+    cfg = vlm_config(c.vision_path, c.lm_path, c.projector, c.pool_stride, c.vision_select_layer)
+    trained = None if c.init_from in ("hf", "resume") else os.path.join(c.init_from, "trained.safetensors")
+    model = build_sharded(cfg, device, c.vision_path, c.lm_path, c.seed, trained, param_dtype=dt,
+                          trainable={"vision": c.train_vision, "projector": c.train_projector, "lm": c.train_lm},
+                          activation_checkpointing=c.activation_checkpointing, compile=c.compile)
+    optimizer = make_optimizer(model, c)
+    tokenizer = data.load_tokenizer(c.lm_path)
+    common = dict(tokenizer=tokenizer, media_root=c.media_root, vision_path=c.vision_path, template=c.template,
+                  num_frames=c.num_frames, tokens_per_frame=cfg.tokens_per_frame, max_tokens=c.max_tokens,
+                  seed=c.seed, max_bad_fraction=c.max_bad_fraction)
+    val_set = data.VLMDataset(c.val_data, train=False, **common)
     step, position = 0, (0, 0)
-    if init_from == "resume":
-        path = checkpoint.latest(os.path.join(out_dir, "ckpt"))
+    if c.init_from == "resume":
+        path = checkpoint.latest(os.path.join(c.out_dir, "ckpt"))
         if path is None:
-            print0(f"init_from='resume' but no complete checkpoint in {out_dir}/ckpt: starting from scratch")
+            print0(f"init_from='resume' but no complete checkpoint in {c.out_dir}/ckpt: starting from scratch")
         else:
             extra = checkpoint.load(path, model, optimizer)
             step, position = extra["step"], tuple(extra["data_position"])
             print0(f"resumed from {path} at step {step}")
-    if eval_only:
-        metrics = evaluate(model, val_set, tokenizer, device, autocast, world_size, rank)
+    if c.eval_only:
+        metrics = evaluate(model, val_set, tokenizer, device, autocast, c)
         print0(json.dumps(metrics))
         if rank == 0:
-            with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            with open(os.path.join(c.out_dir, "eval.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
-        dist.destroy_process_group()
         return
+    train_set = data.VLMDataset(c.train_data, train=True, **common)
+    batches = data.TrainBatches(train_set, c.batch_size, rank, world_size, c.max_tokens, c.max_frames_per_row,
+                                c.packing, c.seed, c.num_workers, start=position, pin_memory=device.type == "cuda")
+    skipped = train_loop(model, optimizer, batches, val_set, tokenizer, c, device, autocast, dt, step)
+    final = write_final(model, c, tokenizer)
+    print0(f"done: {c.max_steps} steps; {skipped} unreadable samples skipped; trained weights in {final}")
 
-    train_set = data.VLMDataset(train_data, train=True, seed=seed, **common)
-    batches = data.TrainBatches(train_set, batch_size, rank, world_size, max_tokens, max_frames_per_row, packing,
-                                seed, num_workers, start=position)
-    monitor = data.BadSampleMonitor(max_bad_fraction)
-    flops = FlopCounter(model, train_vision, train_projector, train_lm)
+
+def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device, autocast, dt, step):
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    grad_accum = c.global_batch_size // (c.batch_size * world_size)
+    monitor = data.BadSampleMonitor(c.max_bad_fraction)
+    flops = FlopCounter(model, c.train_vision, c.train_projector, c.train_lm)
     peak, peak_source = peak_flops(device, dt)
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
            f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trained; "
-           f"{world_size} ranks x {batch_size} rows x {grad_accum} micro-steps; peak {peak / 1e12:.2f} TFLOP/s "
+           f"{world_size} ranks x {c.batch_size} rows x {grad_accum} micro-steps; peak {peak / 1e12:.2f} TFLOP/s "
            f"({peak_source})")
-    writer = log_file = bar = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-        writer = SummaryWriter(out_dir)
-        log_file = open(os.path.join(out_dir, "log.jsonl"), "a")
-        bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bad_steps = 0
-
-    def log(metrics):
-        if rank == 0:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):  # per-class tables go to eval.json only
-                    writer.add_scalar(k, v, metrics["step"])
-            log_file.write(json.dumps(metrics) + "\n")
-            log_file.flush()
-
-    def save_checkpoint():
-        checkpoint.save(os.path.join(out_dir, "ckpt"), step, model, optimizer,
-                        {"step": step, "data_position": batches.position}, keep_last=keep_last)
-
-    while step < max_steps:
+    logger, bad_steps = Logger(c, rank, step), 0
+    while step < c.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]  # the whole step's data: the global count needs it
         t_data = time.perf_counter() - t0
-        skipped, samples = sum(b["num_skipped"] for b in micro), sum(b["num_samples"] for b in micro)
-        supervised = [int((b["targets"] != IGNORE).sum()) for b in micro]  # counted once, on the CPU tensors
-        global_count, skipped, samples = all_reduce([sum(supervised), skipped, samples], device)
+        skipped, samples = all_reduce([sum(b["num_skipped"] for b in micro), sum(b["num_samples"] for b in micro)],
+                                      device)
         monitor.update(int(samples), int(skipped))
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step)
-        loss_sum, step_flops, tokens = torch.zeros((), device=device), 0.0, 0
-        for b, num_supervised in zip(micro, supervised):
-            step_flops += flops(b["document_ids"], num_supervised, b["frames"].shape[0])
-            tokens += int((b["document_ids"] >= 0).sum())
-            b = to_device(b, device)
-            with autocast:
-                loss, _ = model(b["input_ids"], b["frames"], b["targets"], b["position_ids"], b["document_ids"])
-            (loss / max(global_count, 1)).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss_sum, step_flops, tokens = all_reduce([loss_sum, step_flops, tokens], device)
-        loss_value = loss_sum / max(global_count, 1)
-        # both values are reduced over all ranks, so a NaN on one rank skips the step on every rank alike
-        if math.isfinite(loss_value) and torch.isfinite(grad_norm):
-            optimizer.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            print0(f"\nwarning: step {step + 1}: loss {loss_value} / grad norm {grad_norm.item()} is not finite; "
-                   f"optimizer step skipped ({bad_steps} in a row, max_bad_steps={max_bad_steps})", file=sys.stderr)
-            if bad_steps >= max_bad_steps:
+            g["lr"] = g["peak_lr"] * lr_factor(step, c)
+        loss, grad_norm, step_flops, tokens = train_step(model, optimizer, micro, c, device, autocast, flops)
+        bad_steps = 0 if math.isfinite(loss) and math.isfinite(grad_norm) else bad_steps + 1
+        if bad_steps:
+            print0(f"\nwarning: step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; optimizer step "
+                   f"skipped ({bad_steps} in a row, max_bad_steps={c.max_bad_steps})", file=sys.stderr)
+            if bad_steps >= c.max_bad_steps:
                 print0(f"\nstopping at step {step + 1}: {bad_steps} non-finite steps in a row; the last complete "
-                       f"checkpoint is in {out_dir}/ckpt; lower the learning rate or check the data", file=sys.stderr)
+                       f"checkpoint is in {c.out_dir}/ckpt; lower the learning rate or check the data", file=sys.stderr)
                 dist.destroy_process_group()
                 sys.exit(1)
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        dt_step = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor(step - 1),
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt_step,
-                   "mfu": step_flops / dt_step / (peak * world_size), "data_wait": t_data / dt_step,
+        seconds = time.perf_counter() - t0
+        metrics = {"step": step, "loss": loss, "lr": c.learning_rate * lr_factor(step - 1, c), "grad_norm": grad_norm,
+                   "tokens_per_s": tokens / seconds, "mfu": step_flops / seconds / (peak * world_size),
+                   "data_wait": t_data / seconds, "skipped_samples": monitor.num_bad,
                    "peak_memory_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
-                   "skipped_samples": monitor.num_bad}
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if step % log_interval == 0 or step == max_steps:
-            log(metrics)
-        if step % eval_interval == 0 or step == max_steps:
-            metrics = {"step": step, **evaluate(model, val_set, tokenizer, device, autocast, world_size, rank,
-                                                writer, step)}
-            print0(f"\nstep {step}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}" + (
-                f", top-1 {metrics['val_top1']:.3f} (frames shuffled: {metrics['val_top1_shuffled']:.3f})"
-                if eval_label_set else ""))
-            log(metrics)
-        if step % ckpt_interval == 0 or step == max_steps:
-            save_checkpoint()
+                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
+        logger.progress(loss, metrics["tokens_per_s"])
+        if step % c.log_interval == 0 or step == c.max_steps:
+            logger.log(metrics)
+        if step % c.eval_interval == 0 or step == c.max_steps:
+            metrics = {"step": step, **evaluate(model, val_set, tokenizer, device, autocast, c, logger.writer, step)}
+            if "val_loss" in metrics:
+                print0(f"\nstep {step}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}" + (
+                    f", top-1 {metrics['val_top1']:.3f} (frames shuffled: {metrics['val_top1_shuffled']:.3f})"
+                    if c.eval_label_set else ""))
+            logger.log(metrics)
+        if step % c.ckpt_interval == 0 or step == c.max_steps:
+            checkpoint.save(os.path.join(c.out_dir, "ckpt"), step, model, optimizer,
+                            {"step": step, "data_position": batches.position}, keep_last=c.keep_last)
+    logger.close()
+    return monitor.num_bad
 
-    final = os.path.join(out_dir, "final")
-    checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"))
-    if rank == 0:
-        with open(os.path.join(final, "nanovlm.json"), "w") as f:
-            json.dump({"vision_path": vision_path, "lm_path": lm_path, "projector": projector,
-                       "pool_stride": pool_stride, "vision_select_layer": vision_select_layer,
-                       "template": template, "num_frames": num_frames}, f, indent=1)
-        tokenizer.save_pretrained(final)
-        bar.close()
-        writer.close()
-        print0(f"done: {step} steps; {monitor.num_bad} unreadable samples skipped; trained weights in {final}")
+
+def main(argv=None):
+    c = settings(sys.argv[1:] if argv is None else argv)
+    device = setup_distributed(c.device)
+    run(c, device)
     dist.destroy_process_group()
 
 

@@ -27,6 +27,7 @@ import transformers as tf
 from nanovlm import data
 from nanovlm.metrics import FlopCounter, peak_flops
 from nanovlm.model import IGNORE, VISUAL_TOKEN, VLM, from_pretrained, vlm_config
+from nanovlm.parallel import build_sharded, setup_distributed
 
 SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 visual tokens per frame)
     "full": dict(lm=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -190,19 +191,16 @@ def process_memory(key):
 
 
 def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
-    """One FSDP rank built by train.py's own build_model / make_optimizer; the fixed batch's rows split over
-    the ranks, the loss normalised by the global supervised count, as train.py does."""
+    """One FSDP rank, sharded by nanovlm.parallel as train.py shards it; the fixed batch's rows split over the
+    ranks, the loss normalised by the global supervised count, as train.py does."""
     from torch.distributed.tensor import DTensor
 
-    import train  # the repository root is on sys.path: `python -m nanovlm.bench` runs from there
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    train.__dict__.update(vision_path=paths[0], lm_path=paths[1], train_vision=True, train_projector=True,
-                          train_lm=True)
-    device = train.setup_distributed("cpu")
-    model = train.build_model(train.vlm_config(*paths), device, torch.float32, rank)
-    optimizer = train.make_optimizer(model, device)
+    device = setup_distributed("cpu")
+    model = build_sharded(vlm_config(*paths), device, *paths)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     samples = make_batches(model.cfg, size, ("fixed",))["fixed"]
     count = sum(int((s["targets"] != IGNORE).sum()) for s in samples)
     per_rank = len(samples) // world_size

@@ -1,7 +1,10 @@
 """nanoGPT-style configuration that refuses typos.
 
 train.py declares its defaults as module-level assignments (one comment each: the defaults are the
-docs), then calls `config = configure(globals(), sys.argv[1:])`. Every argument is applied in order:
+docs), collects them once with `DEFAULTS = defaults(vars())`, and `main` calls
+`configure(DEFAULTS, sys.argv[1:])`, which returns the settings as a `Config`: an object the
+training functions receive explicitly (`c.batch_size`); nothing is written back into any module.
+Every argument is applied in order:
 - `config/x.py` is executed as plain Python in a fresh namespace. A name it leaves behind is a setting
   if it is a default's key. Names starting with `_` (helpers: `_micro = 8; batch_size = _micro * 4`) and
   imported modules are ignored; any other name is an error, so a typo cannot silently do nothing.
@@ -9,11 +12,9 @@ docs), then calls `config = configure(globals(), sys.argv[1:])`. Every argument 
   (`--out_dir=2024` is the string '2024'), a None default falls back to the text if it is not a literal,
   and a bool default accepts True/False/true/false.
 Every value must have its default's type: an int is promoted to float, bool is not an int, a None
-default accepts any plain value. The defaults are the globals present at the call whose name neither
-starts with `_` nor is an UPPER_CASE constant (an imported IGNORE = -100 is not a setting) and whose value
-is plain (bool, int, float, str, list, tuple, dict or None), so call it right after the defaults. The
-resolved dict is JSON-serialisable and also written back into the given globals, so train.py keeps using
-plain names.
+default accepts any plain value. The defaults are the names that neither start with `_` nor are
+UPPER_CASE constants (an imported IGNORE = -100 is not a setting) and whose value is plain (bool, int,
+float, str, list, tuple, dict or None). A Config is JSON-serialisable through `vars(c)`.
 """
 
 import ast
@@ -27,10 +28,17 @@ class ConfigError(ValueError):
     """A bad config file or command-line override; the message is one line meant for the user."""
 
 
-def configure(scope: dict, argv: list[str]) -> dict:
-    """Apply config files and --key=value overrides from argv to the defaults in scope; return the settings."""
-    defaults = {k: v for k, v in scope.items()
-                if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
+class Config(types.SimpleNamespace):
+    """The settings of one run, as attributes."""
+
+
+def defaults(scope: dict) -> dict:
+    """The settings among a module's names (see the module docstring), with their default values."""
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
+
+
+def configure(defaults: dict, argv: list[str]) -> Config:
+    """Apply config files and --key=value overrides from argv to the defaults; return the settings."""
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -44,8 +52,7 @@ def configure(scope: dict, argv: list[str]) -> dict:
             for key, (value, where) in _run_file(arg).items():
                 _check_known(key, defaults, where)
                 config[key] = _check_type(key, value, defaults[key], where)
-    scope.update(config)
-    return config
+    return Config(**config)
 
 
 def _run_file(path: str) -> dict:

@@ -32,7 +32,6 @@ import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchcodec.decoders import VideoDecoder
 from transformers import AutoTokenizer
 
 from nanovlm.media import frame_indices, load_image, load_preprocess, load_video
@@ -222,7 +221,7 @@ class VLMDataset(Dataset):
 
     dataset[(epoch, row, i)] (what RowSampler yields) or dataset[i] (epoch 0) -> a sample dict:
     input_ids (T,), targets (T,) shifted (targets[t] is the id to predict at t), frames (F, 3, S, S)
-    with F = num_frames for a video, 1 for an image, 0 for text; index (JSON index) and row.
+    uint8 with F = num_frames for a video, 1 for an image, 0 for text; index (JSON index) and row.
     None if the media cannot be read. Train mode samples frames TSN-style from a generator seeded
     by (seed, epoch, index); eval mode takes segment centres.
     """
@@ -250,8 +249,8 @@ class VLMDataset(Dataset):
                 try:
                     ids, labels = encode(record["conversations"], tokenizer, template)
                     problem = self._visual_problem(record, ids)
-                except ValueError as e:
-                    problem = str(e)
+                except Exception as e:  # ours, or the chat template's own (jinja's raise_exception): one record
+                    problem = f"{type(e).__name__}: {e}"
             if problem is not None:
                 self.num_skipped += 1
                 if verbose:
@@ -302,7 +301,7 @@ class VLMDataset(Dataset):
         if "video" in record:
             generator = seeded_generator(self.seed, epoch, self.json_indices[i]) if self.train else None
             return load_video(path, self.num_frames, self.preprocess, generator)
-        return torch.zeros(0, 3, self.preprocess.size, self.preprocess.size)
+        return torch.zeros(0, 3, self.preprocess.size, self.preprocess.size, dtype=torch.uint8)
 
     def __getitem__(self, key):
         epoch, row, i = key if isinstance(key, tuple) else (0, 0, key)
@@ -459,7 +458,8 @@ def collate(samples, image_size, pad_id=0, pad_to_multiple=8):
             position_ids[r, t:t + n] = torch.arange(n)
             document_ids[r, t:t + n] = document
             t += n
-    frames = [s["frames"] for row in rows for s in row] or [torch.zeros(0, 3, image_size, image_size)]
+    frames = [s["frames"] for row in rows for s in row] or [torch.zeros(0, 3, image_size, image_size,
+                                                                         dtype=torch.uint8)]
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "document_ids": document_ids,
             "frames": torch.cat(frames), "num_skipped": len(samples) - len(kept), "num_samples": len(kept)}
 
@@ -475,12 +475,13 @@ def return_freed_memory(*_):
         pass
 
 
-def make_loader(dataset, sampler, num_workers=2, pad_to_multiple=8):
-    """A DataLoader wired to a RowSampler. Workers persist, so decoders never start in the parent."""
+def make_loader(dataset, sampler, num_workers=2, pad_to_multiple=8, pin_memory=False):
+    """A DataLoader wired to a RowSampler. Workers persist, so decoders never start in the parent. pin_memory
+    (on CUDA): batches land in page-locked memory, so the trainer's non_blocking copies really overlap."""
     collate_fn = functools.partial(collate, image_size=dataset.preprocess.size,
                                    pad_id=dataset.tokenizer.pad_token_id or 0, pad_to_multiple=pad_to_multiple)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      collate_fn=collate_fn, worker_init_fn=return_freed_memory)
+                      collate_fn=collate_fn, worker_init_fn=return_freed_memory, pin_memory=pin_memory)
 
 
 class TrainBatches:
@@ -491,10 +492,10 @@ class TrainBatches:
     ahead, so the sampler's own progress would overcount)."""
 
     def __init__(self, dataset, micro_batch, rank, world_size, max_tokens, max_frames_per_row, packing, seed,
-                 num_workers=2, start=(0, 0)):
+                 num_workers=2, start=(0, 0), pin_memory=False):
         self.sampler = RowSampler(dataset, micro_batch, max_frames_per_row, rank, world_size, seed, packing,
                                   max_tokens=max_tokens)
-        self.loader = make_loader(dataset, self.sampler, num_workers)
+        self.loader = make_loader(dataset, self.sampler, num_workers, pin_memory=pin_memory)
         self.rows_per_step = world_size * micro_batch
         self.position, self._batches = tuple(start), None
 
@@ -543,12 +544,14 @@ def _collate_with_prompts(samples, **kwargs):
 
 def eval_batches(dataset, batch_size, rank, world_size, max_samples=0, *, num_workers=0):
     """Validation batches of this rank: the first max_samples samples (0 = all), in order, one per
-    row, rank r taking every world_size-th. Their count is rounded down to a multiple of world_size
-    so every rank runs the same number of batches (generation is collective under FSDP). A batch is
-    a training batch (for the loss) plus prompts, prompt_frames and answers (for generation)."""
-    count = min(max_samples or len(dataset), len(dataset)) // world_size * world_size
+    row, rank r taking every world_size-th. Every rank runs the same number of batches (the forwards
+    are collective under FSDP), so a rank short of samples gets a smaller last batch, or an empty one,
+    and every sample is evaluated whatever the number of ranks. A batch is a training batch (for the
+    loss) plus prompts, prompt_frames and answers (for generation)."""
+    count = min(max_samples or len(dataset), len(dataset))
     mine = list(range(rank, count, world_size))
-    keys = [[(0, r, i) for r, i in enumerate(mine[k:k + batch_size])] for k in range(0, len(mine), batch_size)]
+    per_rank = -(-count // world_size)
+    keys = [[(0, r, i) for r, i in enumerate(mine[k:k + batch_size])] for k in range(0, per_rank, batch_size)]
     collate_fn = functools.partial(_collate_with_prompts, image_size=dataset.preprocess.size,
                                    pad_id=dataset.tokenizer.pad_token_id or 0)
     return DataLoader(_WithPrompts(dataset), batch_sampler=keys, num_workers=num_workers, collate_fn=collate_fn,
@@ -578,6 +581,7 @@ class _RawDecode(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        from torchcodec.decoders import VideoDecoder
         epoch, _, i = key
         decoder = VideoDecoder(self.dataset.media_path(i), seek_mode="approximate", num_ffmpeg_threads=1)
         generator = seeded_generator(self.dataset.seed, epoch, self.dataset.json_indices[i])

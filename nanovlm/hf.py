@@ -11,6 +11,8 @@ twice in memory, and it checks, before copying anything, that
 
 Anything else is an error naming the key. Checkpoints are `model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, or the same two layouts as PyTorch `.bin` files (Vicuna v1.5 ships those).
+Parameters may be FSDP-sharded: each rank then reads only its rows of each tensor, straight from the file into
+its shard, so no process ever holds the whole model (a 13B model in fp32 is 53 GB).
 """
 
 import json
@@ -18,7 +20,7 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from torch.distributed.tensor import DTensor, Shard
 
 from nanovlm.lm import LMConfig
 from nanovlm.vision import VisionConfig
@@ -149,11 +151,23 @@ def vision_ignored(cfg: VisionConfig):
 # ----------------------------------------------------------------------------------------------------------------
 # Strict loading
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 class CheckpointFiles:
-    """Maps every tensor name of a checkpoint directory to the file that holds it; reads tensors lazily."""
+    """Maps every tensor name of a checkpoint directory (or one .safetensors file) to the file that holds it, and
+    reads any range of a tensor's rows without reading the rest. safetensors are read with plain file reads
+    into the destination's shape (its header gives each tensor's byte range), not memory-mapped: a rank loading
+    its shard of a 13B model then holds that shard, not the file pages it touched. .bin files are pickles and
+    are memory-mapped (torch.load(mmap=True))."""
 
     def __init__(self, path):
-        self.path, self._handles = path, {}
+        self.path, self._bins, self._headers = path, {}, {}
+        if os.path.isfile(path):
+            self.files = {k: path for k in self._header(path)[0]}
+            return
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if os.path.isfile(index := os.path.join(path, index_name)):
                 with open(index) as f:
@@ -162,24 +176,64 @@ class CheckpointFiles:
         single = [f for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(f := os.path.join(path, n))]
         if not single:
             raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or an index of them in {path}")
-        self.files = {k: single[0] for k in self._open(single[0]).keys()}
+        file = single[0]
+        self.files = {k: file for k in (self._header(file)[0] if file.endswith(".safetensors") else self._bin(file))}
 
-    def _open(self, file):
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt") if file.endswith(".safetensors") else \
-                torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return self._handles[file]
+    def _header(self, file):  # safetensors: 8 bytes of header length, a JSON header, then the data
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self._headers[file] = header, 8 + n
+        return self._headers[file]
+
+    def _bin(self, file):
+        if file not in self._bins:
+            self._bins[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._bins[file]
 
     def shape_and_float(self, key):  # without reading the data
-        handle = self._open(self.files[key])
-        if isinstance(handle, dict):
-            return tuple(handle[key].shape), handle[key].is_floating_point()
-        info = handle.get_slice(key)
-        return tuple(info.get_shape()), info.get_dtype().startswith(("F", "BF"))
+        file = self.files[key]
+        if not file.endswith(".safetensors"):
+            t = self._bin(file)[key]
+            return tuple(t.shape), t.is_floating_point()
+        info = self._header(file)[0][key]
+        return tuple(info["shape"]), info["dtype"] in ("F64", "F32", "F16", "BF16")
 
-    def get(self, key):
-        handle = self._open(self.files[key])
-        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+    def read(self, key, start, stop):
+        """Rows [start, stop) of a tensor of one or more dimensions, in its stored dtype."""
+        file = self.files[key]
+        if not file.endswith(".safetensors"):
+            return self._bin(file)[key][start:stop]
+        header, data_start = self._header(file)
+        info = header[key]
+        out = torch.empty(stop - start, *info["shape"][1:], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        row_bytes = out.nbytes // max(1, stop - start)
+        with open(file, "rb") as f:
+            f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
+            f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+
+
+def local_rows(param):
+    """(the rows of a parameter this rank holds, the global index of the first). FSDP2 shards dim 0 in
+    torch.chunk's pieces over a 1-D mesh; a plain tensor is all of it."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    assert param.placements == (Shard(0),), f"expected FSDP's Shard(0), got {param.placements}"
+    chunk = -(-param.shape[0] // param.device_mesh.size())
+    return param.to_local(), param.device_mesh.get_local_rank() * chunk
+
+
+@torch.no_grad()
+def copy_rows(param, rows, first_row, read):
+    """Fill rows [first_row, first_row + rows) of `param` (maybe sharded) with what read(start, stop) returns for
+    the part of that range this rank holds, relative to first_row (converted to the parameter's dtype)."""
+    local, offset = local_rows(param)
+    lo, hi = max(first_row, offset), min(first_row + rows, offset + local.shape[0])
+    if lo < hi:
+        local[lo - offset:hi - offset].copy_(read(lo - first_row, hi - first_row))
 
 
 @torch.no_grad()
@@ -220,9 +274,10 @@ def load_into(module: torch.nn.Module, path: str, table, ignored, prefixes=("",)
         if key not in used and not ignore.fullmatch(key.removeprefix(prefix)):
             raise KeyError(f"{path}: unexpected tensor {key} in {os.path.basename(ckpt.files[key])}; "
                            f"it matches no parameter of this model")
-    for hf_key, our_key, row in table:
-        t = ckpt.get(prefix + hf_key)
-        params[our_key][row:row + t.shape[0]].copy_(t)
+    for hf_key, our_key, row in table:  # each rank reads only the rows it holds
+        key = prefix + hf_key
+        copy_rows(params[our_key], ckpt.shape_and_float(key)[0][0], row,
+                  lambda start, stop: ckpt.read(key, start, stop))
 
 
 def load_lm(lm, path):

@@ -5,11 +5,15 @@ checkpoint's own config.json (see `hf.lm_config`): qkv bias, tied embeddings, pa
 rule, a sliding window. The q/k/v and gate/up projections are fused into one matmul each; the weight loader
 slices the checkpoint's separate tensors into them.
 
-Attention has one entry point, `attention()`: flash-attn varlen on CUDA when it is installed, SDPA with an explicit
-mask everywhere else. Both honour `document_ids`, so a packed row of several samples attends causally within
-each sample only, and `position_ids` restart at 0 for each sample.
+Attention has one entry point, `attention()`. Packed training rows on CUDA go through a variable-length kernel
+(flash-attn 2 when installed, else PyTorch's own `torch.nn.attention.varlen`): no mask, no padding FLOPs, GQA
+without repeating K/V. Everywhere else (CPU, fp32, a KV cache) SDPA with an explicit boolean mask. All honour
+`document_ids`, so a packed row of several samples attends causally within each sample only, and `position_ids`
+restart at 0 for each sample. The KV cache (`Cache`) keeps a fill level per row, so rows of any length decode
+together without left padding, and a prompt can be continued with many candidate answers in one row.
 """
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +26,12 @@ try:  # the optional GPU extra
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # PyTorch's own flash-attention varlen kernel (CUDA); its keywords changed between releases
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+    _keywords = inspect.signature(torch_varlen_attn).parameters
+    TORCH_VARLEN_GQA, TORCH_VARLEN_WINDOW = "enable_gqa" in _keywords, "window_size" in _keywords  # 2.11+
+except ImportError:
+    torch_varlen_attn, TORCH_VARLEN_GQA, TORCH_VARLEN_WINDOW = None, False, False
 
 
 @dataclass
@@ -117,48 +127,80 @@ def apply_rotary(x, cos, sin):  # x: (B, T, H, head_dim); cos, signed sin from R
 @dataclass
 class AttnMeta:
     """What attention needs to know about the rows, computed once per forward, shared by all layers."""
-    mask: torch.Tensor | None = None  # (B, 1, T, S) bool for SDPA, or None for plain causal
-    cu_seqlens: torch.Tensor | None = None  # flash-attn varlen: (n_docs + 1,) int32 over the flattened rows
-    max_seqlen: int = 0
+    mask: torch.Tensor | None = None  # (B, 1, T, S) bool for SDPA; None: plain causal (or varlen)
+    cu_seqlens: torch.Tensor | None = None  # varlen kernels: (segments + 1,) int32 over the flattened rows
+    slots: torch.Tensor | None = None  # with a KV cache: (B, T) cache slots the new tokens go to
+    end: int = 0  # with a KV cache: slots [0, end) hold the keys attended to
 
 
-def attention_meta(document_ids, q_slots, k_slots, k_document_ids, window, use_flash):
-    """document_ids: (B, T) of the queries; k_document_ids: (B, S) of the keys (== document_ids without a cache).
-    q_slots / k_slots: (T,) / (S,) absolute positions in the row, for causality and the sliding window."""
-    if use_flash:  # one varlen segment per document: a new segment wherever the document id changes
-        flat = document_ids.flatten()
+def varlen_kernel(x):
+    """The variable-length kernel a packed training forward of x can use, or None (then SDPA with a mask). Only on
+    CUDA in half precision: flash-attn 2 when installed, else PyTorch's own (torch.nn.attention.varlen, 2.10+)."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return flash_attn_varlen_func or torch_varlen_attn
+
+
+def attention_meta(document_ids, T, window, varlen):
+    """Training and full forwards, no cache. document_ids (B, T): which sample of the row each token is (-1:
+    padding) or None for one sample per row; window: Mistral's sliding window, or None."""
+    if window is not None and T <= window:
+        window = None  # no key is that far from its query
+    if varlen:  # one segment per document: a new segment wherever the document id changes, and at every row
+        B = document_ids.shape[0] if document_ids is not None else 1
+        flat = (document_ids if document_ids is not None else torch.zeros(B, T, dtype=torch.long)).flatten()
         starts = torch.ones_like(flat, dtype=torch.bool)
         starts[1:] = flat[1:] != flat[:-1]
-        starts.view(document_ids.shape)[:, 0] = True  # rows never share a segment
-        lengths = torch.diff(torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten())
-        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        return AttnMeta(cu_seqlens=cu, max_seqlen=int(lengths.max()))
-    if (document_ids is not None and k_document_ids is document_ids and document_ids.device.type == "cpu"
-            and not document_ids.any()):  # (with a cache, the keys can hold left padding: -1)
+        starts.view(-1, T)[:, 0] = True
+        cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
+        return AttnMeta(cu_seqlens=cu)
+    if document_ids is not None and document_ids.device.type == "cpu" and not document_ids.any():
         document_ids = None  # one sample per row, no padding: SDPA's causal kernel is ~1.4x faster than a mask
-    if document_ids is None and window is None and q_slots.shape[0] == k_slots.shape[0]:
+    if document_ids is None and window is None:
         return AttnMeta()  # plain causal: SDPA's is_causal path
-    allowed = q_slots[:, None] >= k_slots[None, :]  # (T, S)
+    slots = torch.arange(T, device=document_ids.device if document_ids is not None else None)
+    allowed = slots[:, None] >= slots[None, :]  # (T, T)
     if window is not None:
-        allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
+        allowed = allowed & (slots[:, None] - slots[None, :] < window)
     allowed = allowed[None, None]
     if document_ids is not None:
-        allowed = allowed & (document_ids[:, None, :, None] == k_document_ids[:, None, None, :])
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return AttnMeta(mask=allowed)
+
+
+def _torch_varlen(q, k, v, cu, T, left):
+    """torch.nn.attention.varlen across releases: 2.10 has is_causal and neither GQA nor a window."""
+    if not TORCH_VARLEN_GQA and k.shape[1] != q.shape[1]:
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    if not TORCH_VARLEN_WINDOW:
+        if left != -1:
+            raise RuntimeError("this PyTorch's varlen_attn has no sliding window: pip install flash-attn")
+        return torch_varlen_attn(q, k, v, cu, cu, T, T, is_causal=True)
+    gqa = dict(enable_gqa=k.shape[1] != q.shape[1]) if TORCH_VARLEN_GQA else {}
+    return torch_varlen_attn(q, k, v, cu, cu, T, T, window_size=(left, 0), **gqa)
 
 
 def attention(q, k, v, meta: AttnMeta, window=None):
     """q: (B, T, H, hd), k/v: (B, S, KV, hd) -> (B, T, H, hd)."""
-    if meta.cu_seqlens is not None:  # CUDA + flash-attn, training/prefill without a cache
-        B, T, H, hd = q.shape
-        out = flash_attn_varlen_func(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), meta.cu_seqlens, meta.cu_seqlens,
-            meta.max_seqlen, meta.max_seqlen, causal=True,
-            window_size=(window - 1, 0) if window else (-1, -1))
+    B, T, H, hd = q.shape
+    if meta.cu_seqlens is not None:  # packed rows on CUDA: no mask, no padding FLOPs, GQA without repeating K/V
+        # max_seqlen = T, an upper bound of every segment: a shape, not a value read back from the GPU, so a
+        # compiled block neither syncs nor recompiles as the documents' lengths change
+        q, k, v, cu = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), meta.cu_seqlens
+        left = window - 1 if window is not None and T > window else -1
+        if flash_attn_varlen_func is not None:
+            out = flash_attn_varlen_func(q, k, v, cu, cu, T, T, causal=True, window_size=(left, 0))
+        else:
+            out = _torch_varlen(q, k, v, cu, T, left)
         return out.view(B, T, H, hd)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+    gqa = k.shape[1] != H
+    if gqa and meta.mask is not None and q.is_cuda:
+        # CUDA's fused SDPA kernels take a mask or enable_gqa, not both; together they fall to the math kernel,
+        # which materialises B x H x T x S scores. Repeating K/V costs only their size.
+        k, v, gqa = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1), False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, is_causal=meta.mask is None,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+                                         enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -186,15 +228,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, meta, cache=None):
+    def forward(self, x, cos, sin, meta, kv=None):  # kv: this layer's KVCache when generating
         B, T, _ = x.shape
         H, KV, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
         q = apply_rotary(q.view(B, T, H, hd), cos, sin)
         k = apply_rotary(k.view(B, T, KV, hd), cos, sin)
         v = v.view(B, T, KV, hd)
-        if cache is not None:
-            k, v = cache.update(k, v)
+        if kv is not None:
+            k, v = kv.update(k, v, meta)
         out = attention(q, k, v, meta, self.cfg.sliding_window)  # (B, T, H, hd)
         return self.o(out.reshape(B, T, H * hd))
 
@@ -219,44 +261,59 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, meta, cache)
+    def forward(self, x, cos, sin, meta, kv=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, meta, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class KVCache:
-    """Keys/values of every layer for generation: (B, S_max, KV, hd) each, allocated at the first update in the
-    dtype the layers compute in (bf16 under mixed precision, whatever the parameters are stored in)."""
+    """One layer's keys and values for generation: (B, S_max, KV, hd) each, allocated at the first write in the
+    dtype the layer computes in (bf16 under mixed precision, whatever the parameters are stored in)."""
+
+    def __init__(self, shape):
+        self.shape, self.k, self.v = shape, None, None
+
+    def update(self, k, v, meta: AttnMeta):  # writes the new keys/values at their slots; returns slots [0, end)
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        rows = torch.arange(len(meta.slots), device=meta.slots.device)[:, None]
+        self.k[rows, meta.slots], self.v[rows, meta.slots] = k, v
+        return self.k[:, :meta.end], self.v[:, :meta.end]
+
+
+class Cache:
+    """What generation keeps between forwards: a KVCache per layer and, for every row and slot, the document and
+    position of the token held there (document -1: nothing). Each row fills at its own pace (`lengths`), so
+    prompts of different lengths need no left padding: a right-padded prompt advances its row by its real tokens
+    only, and the next token overwrites the first padding slot. A query sees the earlier slots of its own
+    document and of document 0, the shared prefix: the prompt, which label-set scoring continues with many
+    candidate answers (documents 1, 2, ..) in one row."""
 
     def __init__(self, cfg: LMConfig, batch_size, max_len, device):
-        self.shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k, self.v = [None] * cfg.n_layers, [None] * cfg.n_layers
-        self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.length = 0  # slots filled by completed forwards
-        self.layer = 0
+        self.layers = [KVCache((batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots filled, per row
+        self.document_ids = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.window = cfg.sliding_window
 
-    def update(self, k, v):  # called by each layer in turn; returns the keys/values up to the new length
-        i, end = self.layer, self.length + k.shape[1]
-        if self.k[i] is None:
-            self.k[i], self.v[i] = k.new_zeros(self.shape), v.new_zeros(self.shape)
-        self.k[i][:, self.length:end] = k
-        self.v[i][:, self.length:end] = v
-        self.layer = (i + 1) % len(self.k)
-        return self.k[i][:, :end], self.v[i][:, :end]
-
-    def repeat(self, n, max_len):
-        """A cache holding each row of this one n times over (b0, b0, .., b1, ..) with room for max_len positions:
-        to continue one prompt in n ways (scoring candidate answers) without running the prompt n times."""
-        def grow(t):  # (B, S, ...) -> (B * n, max_len, ...), the first `length` slots copied
-            out = t.new_zeros(t.shape[0] * n, max_len, *t.shape[2:])
-            out[:, :self.length] = t[:, :self.length].repeat_interleave(n, 0)
-            return out
-        new = KVCache.__new__(KVCache)
-        new.shape, new.length, new.layer = (self.shape[0] * n, max_len, *self.shape[2:]), self.length, 0
-        new.k = [None if t is None else grow(t) for t in self.k]
-        new.v = [None if t is None else grow(t) for t in self.v]
-        new.document_ids = grow(self.document_ids)
-        return new
+    def advance(self, document_ids, position_ids):
+        """Place T new tokens per row after each row's filled slots -> the attention metadata of this forward.
+        document_ids (B, T): -1 (padding) only after a row's real tokens; None: all document 0."""
+        B, T = position_ids.shape
+        slots = self.lengths[:, None] + torch.arange(T, device=position_ids.device)  # (B, T)
+        end = int(slots.max()) + 1
+        if end > self.document_ids.shape[1]:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.document_ids.shape[1]} allocated")
+        docs = torch.zeros_like(position_ids) if document_ids is None else document_ids
+        rows = torch.arange(B, device=slots.device)[:, None]
+        self.document_ids[rows, slots], self.positions[rows, slots] = docs, position_ids
+        k_docs, k_positions = self.document_ids[:, None, :end], self.positions[:, None, :end]  # (B, 1, end)
+        allowed = (torch.arange(end, device=slots.device) <= slots[..., None]) & (k_docs >= 0) & (
+            (k_docs == docs[..., None]) | (k_docs == 0))  # (B, T, end)
+        if self.window is not None:
+            allowed &= position_ids[..., None] - k_positions < self.window
+        self.lengths = self.lengths + (docs >= 0).sum(1)  # a new tensor: callers may hold the old (positions)
+        return AttnMeta(mask=allowed[:, None], slots=slots, end=end)
 
 
 class LM(nn.Module):
@@ -277,32 +334,22 @@ class LM(nn.Module):
     def logits(self, h):
         return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
 
-    def forward(self, x, position_ids=None, document_ids=None, cache: KVCache | None = None):
+    def forward(self, x, position_ids=None, document_ids=None, cache: Cache | None = None):
         """x: input embeddings (B, T, D) -> final-norm hidden states (B, T, D).
         position_ids (B, T): per-sample positions (default 0..T-1); document_ids (B, T): which sample of the row
-        each token belongs to (padding is a document of its own), None for one sample per row."""
+        each token belongs to (padding is -1), None for one sample per row. With a cache, the new tokens follow
+        each row's filled slots (see Cache)."""
         B, T, _ = x.shape
-        start = cache.length if cache is not None else 0
-        q_slots = torch.arange(start, start + T, device=x.device)
         if position_ids is None:
-            position_ids = q_slots[None].expand(B, T)
-        k_document_ids, k_slots = document_ids, q_slots
+            position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
         if cache is not None:
-            if document_ids is not None:
-                cache.document_ids[:, start:start + T] = document_ids
-                k_document_ids = cache.document_ids[:, :start + T]
-            k_slots = torch.arange(start + T, device=x.device)
-        use_flash = (flash_attn_varlen_func is not None and x.is_cuda and cache is None
-                     and x.dtype in (torch.bfloat16, torch.float16))
-        if use_flash and document_ids is None:
-            document_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
-        meta = attention_meta(document_ids, q_slots, k_slots, k_document_ids, self.cfg.sliding_window, use_flash)
+            meta = cache.advance(document_ids, position_ids)
+        else:
+            meta = attention_meta(document_ids, T, self.cfg.sliding_window, varlen_kernel(x) is not None)
         cos, sin = self.rotary(position_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, meta, cache)
-        if cache is not None:
-            cache.length += T
+                x = layer(x, cos, sin, meta, None if cache is None else cache.layers[i])
         return self.norm(x)

@@ -1,4 +1,4 @@
-"""Pixels in: decode video frames and images into normalised (F, 3, S, S) float tensors.
+"""Pixels in: decode video frames and images into (F, 3, S, S) uint8 tensors at the tower's input size.
 
 What is notable:
 - Normalisation and input size come from the vision tower's own preprocessor_config.json, so a
@@ -15,6 +15,8 @@ What is notable:
   square with the mean colour, then resize, so a picture is never cut or squashed.
 - Resizing is antialiased bilinear on uint8 (torch's fast path) for frames and images alike, so a
   run mixing both sees one pipeline. (CLIP's own processor resizes with bicubic; SigLIP's bilinear.)
+- Frames stay uint8: they cross from the DataLoader workers at a quarter of fp32's bytes, and the model
+  normalises them on the device with the tower's mean/std (`VLM.encode_frames`).
 """
 
 import json
@@ -26,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torchcodec.decoders import VideoDecoder
 
 # mean/std used when a tower ships no preprocessor_config.json, by model_type family
 DEFAULT_MEAN_STD = {
@@ -95,17 +96,16 @@ def frame_indices(num_available, num_frames, generator=None):
     return (edges[:-1] + offset).long().clamp(0, num_available - 1).tolist()
 
 
-def normalize(frames, pre):
-    """(F, 3, H, W) uint8 -> (F, 3, S, S) float, resized and normalised with the tower's mean/std."""
+def resize(frames, pre):
+    """(F, 3, H, W) uint8 -> (F, 3, S, S) uint8 at the tower's input size."""
     if frames.shape[-2:] != (pre.size, pre.size):
         frames = F.interpolate(frames, size=(pre.size, pre.size), mode="bilinear", antialias=True)  # stays uint8
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return frames.float().mul_(1 / (255 * std)).sub_(mean / std)  # (x/255 - mean)/std in two in-place ops
+    return frames
 
 
 def load_video(path, num_frames, pre, generator=None):
-    """Decode num_frames frames of a video file -> (num_frames, 3, S, S) float. Raises on a bad file."""
+    """Decode num_frames frames of a video file -> (num_frames, 3, S, S) uint8. Raises on a bad file."""
+    from torchcodec.decoders import VideoDecoder  # here, not at import: the GPU check runs without torchcodec
     decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
     claimed = decoder.metadata.num_frames or 0  # int(duration * fps): can be one short, then the last frame is unused
     try:
@@ -118,7 +118,7 @@ def load_video(path, num_frames, pre, generator=None):
         if available < max(1, 0.9 * claimed):
             raise ValueError(f"truncated video: {available} of {claimed} frames decodable") from None
         frames = decoder.get_frames_at(frame_indices(available, num_frames, generator)).data
-    return normalize(frames, pre)  # frames: (num_frames, 3, H, W) uint8
+    return resize(frames, pre)  # frames: (num_frames, 3, H, W) uint8
 
 
 def _to_rgb(image, background):
@@ -133,7 +133,7 @@ def _to_rgb(image, background):
 
 
 def load_image(path, pre):
-    """An image as a 1-frame video -> (1, 3, S, S) float. An image over Image.MAX_IMAGE_PIXELS
+    """An image as a 1-frame video -> (1, 3, S, S) uint8. An image over Image.MAX_IMAGE_PIXELS
     (89M pixels) raises when opened, before any pixel is decoded, and the caller counts it as a bad
     sample."""
     background = tuple(round(255 * m) for m in pre.mean)  # LLaVA pads with the mean colour
@@ -149,4 +149,4 @@ def load_image(path, pre):
     square = Image.new("RGB", (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     pixels = torch.from_numpy(np.array(square)).permute(2, 0, 1)  # (3, side, side) uint8
-    return normalize(pixels[None], pre)
+    return resize(pixels[None], pre)

@@ -4,14 +4,18 @@ import json
 
 import pytest
 
-from nanovlm.config import ConfigError, configure
+from nanovlm.config import ConfigError, configure, defaults as settings_of
 
 
-def defaults() -> dict:
-    """What train.py's globals() looks like at the call: settings, plus modules/functions/privates to ignore."""
+def module_scope() -> dict:
+    """What train.py's vars() looks like after its defaults: settings, plus modules/functions/privates to ignore."""
     return {"learning_rate": 3e-4, "batch_size": 8, "compile": False, "out_dir": "out", "init_from": None,
             "betas": (0.9, 0.95), "json": json, "defaults": defaults, "_private": 1, "__name__": "__main__",
             "IGNORE": -100}
+
+
+def defaults() -> dict:
+    return settings_of(module_scope())
 
 
 def write(tmp_path, text: str) -> str:
@@ -23,16 +27,16 @@ def write(tmp_path, text: str) -> str:
 def test_file_then_overrides_in_order(tmp_path):
     path = write(tmp_path, "import math\n_micro = 4\nbatch_size = _micro * 8  # 32\nlearning_rate = 1e-3\n"
                            "out_dir = 'out-file'\n")
-    scope = defaults()
-    config = configure(scope, [path, "--learning_rate=2e-3", "--compile=True", "--out_dir=2024",
-                               "--init_from=runs/a b", "--betas=(0.8, 0.9)"])
-    assert config == {"learning_rate": 2e-3, "batch_size": 32, "compile": True, "out_dir": "2024",
-                      "init_from": "runs/a b", "betas": (0.8, 0.9)}
-    assert scope["batch_size"] == 32 and scope["learning_rate"] == 2e-3  # globals updated, like nanoGPT
-    assert "_micro" not in scope and "math" not in config  # helpers and imports are not settings
-    assert "IGNORE" not in config  # nor are constants
-    json.dumps(config)  # train.py saves it to out_dir/config.json
-    assert configure(defaults(), [path, "--batch_size=2", path])["batch_size"] == 32  # later wins
+    base = defaults()
+    config = configure(base, [path, "--learning_rate=2e-3", "--compile=True", "--out_dir=2024",
+                              "--init_from=runs/a b", "--betas=(0.8, 0.9)"])
+    assert vars(config) == {"learning_rate": 2e-3, "batch_size": 32, "compile": True, "out_dir": "2024",
+                            "init_from": "runs/a b", "betas": (0.8, 0.9)}
+    assert config.batch_size == 32 and base["batch_size"] == 8  # a new object; the defaults are not touched
+    assert "_micro" not in vars(config) and "math" not in vars(config)  # helpers and imports are not settings
+    assert "IGNORE" not in vars(config)  # nor are constants
+    json.dumps(vars(config))  # train.py saves it to out_dir/config.json
+    assert configure(defaults(), [path, "--batch_size=2", path]).batch_size == 32  # later wins
 
 
 def test_typo_names_closest_key(tmp_path):
@@ -74,10 +78,10 @@ def test_wrong_type_in_file(tmp_path):
 
 def test_promotion_and_bools():
     config = configure(defaults(), ["--learning_rate=1", "--compile=false"])
-    assert config["learning_rate"] == 1.0 and type(config["learning_rate"]) is float
-    assert config["compile"] is False
-    assert configure(defaults(), ["--compile=True"])["compile"] is True
-    assert configure(defaults(), ["--init_from=3"])["init_from"] == 3  # None default: a literal if it is one
+    assert config.learning_rate == 1.0 and type(config.learning_rate) is float
+    assert config.compile is False
+    assert configure(defaults(), ["--compile=True"]).compile is True
+    assert configure(defaults(), ["--init_from=3"]).init_from == 3  # None default: a literal if it is one
 
 
 def test_bad_files(tmp_path):

@@ -81,9 +81,14 @@ def write_video(path, num_frames=NUM_VIDEO_FRAMES, size=SIZE):
 
 
 def decoded_frame_numbers(frames):
-    """Invert write_video's grey levels from normalised (F, 3, S, S) frames."""
-    pixels = frames[:, 0].mean((1, 2)) * STD[0] * 255 + MEAN[0] * 255
-    return ((pixels - 10) / 14).round().long().tolist()
+    """Invert write_video's grey levels from uint8 (F, 3, S, S) frames."""
+    return ((frames[:, 0].float().mean((1, 2)) - 10) / 14).round().long().tolist()
+
+
+def normalised(frames):
+    """uint8 frames as the model normalises them (VLM.encode_frames), for comparisons in normalised units."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (frames.float() / 255 - mean) / std
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +203,7 @@ def test_frame_sampling_tsn_and_uniform(files):
     dataset = make_dataset(files, [video_record("a.webm"), video_record("b.webm")], seed=3)
     for epoch in (0, 1):
         frames = dataset.load_frames(1, epoch)
-        assert frames.shape == (4, 3, SIZE, SIZE) and frames.dtype == torch.float32
+        assert frames.shape == (4, 3, SIZE, SIZE) and frames.dtype == torch.uint8
         claimed = VideoDecoder(os.path.join(files["media"], "b.webm"), seek_mode="approximate").metadata.num_frames
         assert claimed in (NUM_VIDEO_FRAMES - 1, NUM_VIDEO_FRAMES)  # the estimate from the duration can be 1 short
         expected = frame_indices(claimed, 4, seeded_generator(3, epoch, 1))
@@ -209,12 +214,11 @@ def test_frame_sampling_tsn_and_uniform(files):
     assert decoded_frame_numbers(evaluation.load_frames(0, epoch=5)) == frame_indices(claimed, 4)  # centres
 
 
-def test_video_normalisation_and_resize(files):
+def test_video_frames_resized_as_uint8(files):
     frames = make_dataset(files, [video_record("long.webm")], train=False).load_frames(0)
-    assert frames.shape == (4, 3, SIZE, SIZE)  # 64x64 clip resized whole to the tower's 32x32
+    assert frames.shape == (4, 3, SIZE, SIZE) and frames.dtype == torch.uint8  # 64x64 resized whole to 32x32
     level = (10 + 14 * torch.tensor(frame_indices(48, 4))) % 256  # grey levels of the sampled frames
-    expected = (level.float() / 255 - MEAN[1]) / STD[1]
-    torch.testing.assert_close(frames[:, 1].mean((1, 2)), expected, atol=0.05, rtol=0)
+    torch.testing.assert_close(frames[:, 1].float().mean((1, 2)), level.float(), atol=3.5, rtol=0)
 
 
 def test_images_modes_orientation_and_padding(files, tmp_path):
@@ -228,18 +232,20 @@ def test_images_modes_orientation_and_padding(files, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     wide.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    frame = load_image(tmp_path / "rotated.jpg", pre)[0]  # (3, 32, 32)
+    frame = normalised(load_image(tmp_path / "rotated.jpg", pre))[0]  # (3, 32, 32)
     assert frame.shape == (3, SIZE, SIZE)
     torch.testing.assert_close(frame[:, 4, 16], red, atol=0.15, rtol=0)
     assert frame[2, 28, 16] > 1.5 and frame[0, 28, 16] < -1.5  # bottom is blue
     torch.testing.assert_close(frame[:, 16, 1], mean_colour, atol=0.05, rtol=0)  # padding
     # RGBA: transparent pixels take the mean colour; CMYK, 16-bit grey, palette all become RGB
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    torch.testing.assert_close(load_image(tmp_path / "clear.png", pre)[0, :, 16, 16], mean_colour, atol=0.05, rtol=0)
+    clear = normalised(load_image(tmp_path / "clear.png", pre))[0, :, 16, 16]
+    torch.testing.assert_close(clear, mean_colour, atol=0.05, rtol=0)
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
-    torch.testing.assert_close(load_image(tmp_path / "cmyk.jpg", pre)[0, :, 16, 16], red, atol=0.15, rtol=0)
+    cmyk = normalised(load_image(tmp_path / "cmyk.jpg", pre))[0, :, 16, 16]
+    torch.testing.assert_close(cmyk, red, atol=0.15, rtol=0)
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "grey16.png")
-    white = load_image(tmp_path / "grey16.png", pre)[0, :, 16, 16]
+    white = normalised(load_image(tmp_path / "grey16.png", pre))[0, :, 16, 16]
     torch.testing.assert_close(white, torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)]), atol=0.02, rtol=0)
     Image.new("P", (8, 8), 0).save(tmp_path / "palette.png")
     assert load_image(tmp_path / "palette.png", pre).shape == (1, 3, SIZE, SIZE)
@@ -357,9 +363,10 @@ def test_eval_batches_prompts_and_ranks(files):
     records = [video_record(n, answer=f"answer {k}") for k, n in enumerate(["a.webm", "b.webm", "c.webm"] * 2)]
     dataset = make_dataset(files, records, template="chat", tokenizer=tokenizer, train=False)
     per_rank = [list(eval_batches(dataset, 2, rank, 2, max_samples=5)) for rank in (0, 1)]
-    assert [len(b) for b in per_rank] == [1, 1]  # 5 samples -> 4 (same count on each rank), 2 per rank
+    assert [len(b) for b in per_rank] == [2, 2]  # every rank the same number of batches (the forwards are collective)
     answers = [[a for batch in batches for a in batch["answers"]] for batches in per_rank]
-    assert answers == [["answer 0", "answer 2"], ["answer 1", "answer 3"]]
+    assert answers == [["answer 0", "answer 2", "answer 4"], ["answer 1", "answer 3"]]  # every sample, once
+    assert per_rank[1][1]["prompts"] == [] and per_rank[1][1]["frames"].shape[0] == 0  # rank 1's last: empty
     batch = per_rank[0][0]
     assert torch.equal(batch["prompt_frames"], batch["frames"]) and batch["frames"].shape[0] == 2 * 4
     for prompt, row in zip(batch["prompts"], batch["input_ids"]):

@@ -19,7 +19,7 @@ import prepare
 from nanovlm import hf
 from nanovlm.data import VLMDataset
 from nanovlm.generate import Printer, load_final, main, prompt_ids
-from nanovlm.lm import LM, KVCache
+from nanovlm.lm import LM, Cache
 from nanovlm.media import load_image, load_preprocess
 from nanovlm.model import VISUAL_TOKEN
 
@@ -272,7 +272,7 @@ def test_smollm2_answers_like_transformers(tmp_path):
     lm.to_empty(device="cpu")
     lm.init_weights()
     hf.load_lm(lm, str(tmp_path))
-    cache, answer = KVCache(lm.cfg, 1, ids.shape[1] + 20, "cpu"), []
+    cache, answer = Cache(lm.cfg, 1, ids.shape[1] + 20, "cpu"), []
     x, positions = lm.embed(ids), torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         while len(answer) < 20 and tokenizer.eos_token_id not in answer:

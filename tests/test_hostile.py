@@ -65,8 +65,8 @@ def png_declaring(path, width, height):
 
 
 def pixels(frames):
-    """Normalised (F, 3, S, S) -> 0..255 pixel values."""
-    return 127.5 * (frames + 1)
+    """uint8 (F, 3, S, S) frames -> float pixel values."""
+    return frames.float()
 
 
 def frame_numbers(frames):
@@ -206,7 +206,7 @@ def test_hostile_media_read_or_skipped_and_counted(hostile, capfd):
             frames = batch["frames"]
             key, _, check = MEDIA[name]
             assert frames.shape == (NUM_FRAMES if key == "video" else 1, 3, SIZE, SIZE), name
-            assert frames.isfinite().all() and -1.01 <= frames.min() and frames.max() <= 1.01, name
+            assert frames.dtype == torch.uint8, name  # normalised on the device, by the model
             assert check(frames), (name, frame_numbers(frames), pixels(frames)[:, :, 16, 16])
             outcomes[name] = "read"
         assert sorted(n for n, outcome in outcomes.items() if outcome == "skipped") == SKIPPED, epoch

@@ -6,8 +6,8 @@
   load() must give exactly the weights that were saved. keep_last=1, so the deletion of the old checkpoint is
   the window where a wrong order would leave none. (Slow, by hand: a real training run killed just before it
   commits a checkpoint resumes from the previous one and replays the same losses.)
-- Hostile configs run train.main() in this process with the process-group setup replaced by a tripwire: each must
-  exit with code 2 and one line naming the key, before any heavy work, with nothing written to out_dir.
+- Hostile configs run train.settings() (what train.main() does before the process group exists) in this process:
+  each must exit with code 2 and one line naming the key, with nothing written to out_dir.
 - Non-finite: 2 torchrun ranks train with the loss (or its gradient) made non-finite on rank 1 only, at chosen
   steps; both ranks must skip those optimizer steps, and 3 in a row stop the run with the last checkpoint intact.
 
@@ -38,7 +38,6 @@ from torch.distributed.fsdp import fully_shard
 import train
 from conftest import run_args
 from nanovlm import checkpoint
-from nanovlm.config import SETTING_TYPES
 from nanovlm.model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,38 +287,22 @@ HOSTILE_CONFIGS = [
 ]
 
 
-class HeavyWorkStarted(Exception):
-    pass
-
-
 @pytest.fixture
-def run_main(monkeypatch, capsys):
-    """train.main() in this process, stopped where the process group would be set up."""
-    for key, value in list(vars(train).items()):
-        if not key.startswith("_") and isinstance(value, SETTING_TYPES):
-            monkeypatch.setattr(train, key, value)  # main() writes the resolved config into them; undo that
-
-    def heavy(*args):
-        raise HeavyWorkStarted
-
-    monkeypatch.setattr(train, "setup_distributed", heavy)
-
+def run_main(capsys):
+    """train.settings(): everything train.main() does before the process group exists, in this process."""
     def run(argv):
-        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
         with pytest.raises(SystemExit) as exit:
-            train.main()
+            train.settings(argv)
         return exit.value.code, capsys.readouterr().err
 
     return run
 
 
-def test_valid_config_passes_the_checks_in_well_under_a_second(synthetic, tmp_path, run_main, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", *run_args(synthetic, tmp_path / "out")])
+def test_valid_config_passes_the_checks_in_well_under_a_second(synthetic, tmp_path):
     start = time.perf_counter()
-    with pytest.raises(HeavyWorkStarted):  # the control: the hostile cases below differ only in what they name
-        train.main()
+    c = train.settings(run_args(synthetic, tmp_path / "out"))  # the control: the hostile cases differ only in one
     assert time.perf_counter() - start < 1.0
-    assert not (tmp_path / "out").exists()
+    assert c.out_dir == str(tmp_path / "out") and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case,extra,message", HOSTILE_CONFIGS, ids=[c[0] for c in HOSTILE_CONFIGS])
@@ -411,12 +394,12 @@ def test_non_finite_steps_are_skipped_on_every_rank_then_stop_the_run(synthetic,
     for rank in (0, 1):
         with open(tmp_path / f"steps-rank{rank}.jsonl") as f:
             ranks.append([json.loads(line) for line in f])
-    for steps in ranks:  # step 7 stops the run before its record
-        assert [s["step"] for s in steps] == list(range(1, 7))
+    for steps in ranks:  # step 7 is skipped, then stops the run
+        assert [s["step"] for s in steps] == list(range(1, 8))
         skipped = {s["step"] for s in steps if not s["stepped"]}
-        assert skipped == {3, 5, 6}  # rank 0 skips too, though its own loss and gradients were finite
+        assert skipped == {3, 5, 6, 7}  # rank 0 skips too, though its own loss and gradients were finite
         digests = [s["weights"] for s in steps]
-        for step in range(2, 7):  # the weights change exactly on the steps taken
+        for step in range(2, 8):  # the weights change exactly on the steps taken
             assert (digests[step - 1] == digests[step - 2]) == (step in skipped), step
     assert ranks[0] == ranks[1]  # the same decisions and the same weights on both ranks
     with open(out / "log.jsonl") as f:

@@ -39,7 +39,7 @@ def test_score_is_the_log_likelihood_of_a_full_forward(model):
     torch.manual_seed(1)
     prompts, frames = prompts_and_frames(model)
     candidates = [torch.tensor([3, 2]), torch.tensor([10, 11, 12, 2]), torch.tensor([2]), torch.tensor([40, 41, 2])]
-    scores = model.score(prompts, frames, candidates, chunk=3)  # chunks of 3 and 1: the cache is copied twice
+    scores = model.score(prompts, frames, candidates, chunk_tokens=4)  # two chunks, each continuing the prompts
     offsets = [0, 2, 5]
     for b, prompt in enumerate(prompts):
         for k, candidate in enumerate(candidates):
@@ -54,7 +54,7 @@ def test_best_single_token_candidate_is_the_greedy_token(model):
     torch.manual_seed(2)
     prompts, frames = prompts_and_frames(model)
     candidates = [torch.tensor([t]) for t in range(64)]  # every token: the argmax must be greedy's first token
-    best = model.score(prompts, frames, candidates, chunk=16).argmax(1).tolist()
+    best = model.score(prompts, frames, candidates, chunk_tokens=16).argmax(1).tolist()
     greedy = [answer[0] for answer in model.generate(prompts, frames, max_new_tokens=1)]
     assert best == greedy
 

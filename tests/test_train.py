@@ -14,6 +14,7 @@ import prepare
 from conftest import run_args
 import train
 from nanovlm.model import VISUAL_TOKEN, from_pretrained, vlm_config
+from nanovlm.parallel import build_sharded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,14 +123,12 @@ def tiny_batch(model):
     return ids, torch.randn(2, 3, 64, 64), targets
 
 
-def test_frozen_stage_gets_no_gradient_and_does_not_change(synthetic, process_group, monkeypatch):
-    monkeypatch.setattr(train, "vision_path", f"{synthetic}/vision")
-    monkeypatch.setattr(train, "lm_path", f"{synthetic}/lm")
-    monkeypatch.setattr(train, "train_lm", False)
-    monkeypatch.setattr(train, "compile", False)
-    cfg = vlm_config(f"{synthetic}/vision", f"{synthetic}/lm")
-    model = train.build_model(cfg, torch.device("cpu"), torch.float32, 0)
-    optimizer = train.make_optimizer(model, torch.device("cpu"))
+def test_frozen_stage_gets_no_gradient_and_does_not_change(synthetic, process_group):
+    c = train.settings(run_args(synthetic, "unused", train_lm=False, train_vision=False))
+    cfg = vlm_config(c.vision_path, c.lm_path)
+    model = build_sharded(cfg, torch.device("cpu"), c.vision_path, c.lm_path,
+                          trainable={"vision": c.train_vision, "projector": c.train_projector, "lm": c.train_lm})
+    optimizer = train.make_optimizer(model, c)
     before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     ids, frames, targets = tiny_batch(model)
     loss, _ = model(ids, frames, targets)
