@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,8 +86,10 @@ def test_two_nodes_on_one_machine(synthetic, tmp_path):
 
 def test_compiled_blocks_train_as_eager_ones(synthetic, tmp_path):
     """compile=True (the default): blocks compiled under FSDP on 2 ranks with activation checkpointing give the
-    losses of eager blocks; evaluation (generation with a KV cache) runs eager instead of recompiling the blocks."""
-    common = dict(max_steps=4, activation_checkpointing=True, eval_interval=2, eval_samples=4)
+    losses of eager blocks; over 20 steps of packed rows whose lengths and frame counts change every step, each
+    block recompiles at most twice; evaluation (generation with a KV cache) runs eager instead of recompiling the
+    blocks."""
+    common = dict(max_steps=20, activation_checkpointing=True, eval_interval=10, eval_samples=4)
     eager = launch(run_args(synthetic, tmp_path / "eager", **common), nproc=2)
     assert eager.returncode == 0, eager.stderr[-3000:]
     cache = tmp_path / "inductor"
@@ -95,16 +98,21 @@ def test_compiled_blocks_train_as_eager_ones(synthetic, tmp_path):
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert any(cache.rglob("*.py")), "nothing was compiled"
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
     with open(tmp_path / "eager" / "log.jsonl") as f, open(tmp_path / "compiled" / "log.jsonl") as g:
         evals = [[m for m in map(json.loads, h) if "val_loss" in m] for h in (f, g)]
-    assert [m["step"] for m in evals[0]] == [m["step"] for m in evals[1]] == [2, 4]
+    assert [m["step"] for m in evals[0]] == [m["step"] for m in evals[1]] == [10, 20]
     for e, c in zip(*evals):
         assert e["val_accuracy"] == c["val_accuracy"] and abs(e["val_loss"] - c["val_loss"]) <= 1e-5
-    recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
-    assert len(recompiles) <= 4, recompiles  # per rank: the first row shape seen, then dynamic shapes
+    # dynamo's recompile log: "[rank0]:... Recompiling function forward in .../nanovlm/lm.py:264"
+    recompiles = re.findall(r"\[(rank\d)\].*Recompiling function (\w+) in (\S+)", compiled.stderr)
+    blocks = [(rank, block) for rank, _, block in recompiles]
+    assert all(block.split(":")[0].endswith(("lm.py", "vision.py")) for _, block in blocks), recompiles
+    # each block at most twice: dynamic shapes after the first, and a row of one unpadded sample (SDPA's causal
+    # kernel, no mask) once
+    assert all(blocks.count(b) <= 2 for b in blocks), recompiles
 
 
 @pytest.fixture
