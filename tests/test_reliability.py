@@ -203,7 +203,7 @@ def test_training_killed_while_saving_resumes_from_the_last_complete_checkpoint(
                             capture_output=True, text=True, env=ENV, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(os.listdir(out / "ckpt")) == [".tmp-step_000004", "step_000002"]  # step 4 written, not committed
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--init_from=resume"],
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--resume=True"],
                              capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"removing incomplete checkpoint {out}/ckpt/.tmp-step_000004" in resumed.stdout

@@ -119,7 +119,7 @@ def test_mixed_text_and_video_run_on_two_ranks(synthetic, tmp_path):
     assert [m["val_samples"] for m in evals] == [1, 1] and all("val_top1" in m for m in evals)
     # eval_only on one process gives the same metrics as the two ranks at step 10
     again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--eval_only=True",
-                            "--init_from=resume"], capture_output=True, text=True, env=ENV, timeout=300)
+                            "--resume=True"], capture_output=True, text=True, env=ENV, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     one = json.loads((tmp_path / "out" / "eval.json").read_text())
     for key in ("val_loss", "val_accuracy", "val_top1", "val_top1_shuffled"):
