@@ -123,6 +123,13 @@ def check_settings(info, **run):
                          f"vision_path={vision_path!r}: set vision_path to {tower} or a local copy named like it")
 
 
+def tower_paths(info, vision_path, lm_path):
+    """The run's (vision_path, lm_path) once it starts from this checkpoint: a llava-hf directory is both towers,
+    an original checkpoint the LM (and the tower, where it holds a copy: see from_pretrained)."""
+    return {"hf": (info["path"], info["path"]), "original": (vision_path, info["path"])}.get(
+        info["kind"], (vision_path, lm_path))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: a tower path may be a llava-hf directory (vision and LM) or an original LLaVA checkpoint (LM)
 

@@ -17,9 +17,10 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 
 import prepare
+from conftest import run_args
 from nanovlm import llava
 from nanovlm.data import load_tokenizer
-from nanovlm.export import export, main
+from nanovlm.export import chat_template, export, main
 from nanovlm.generate import load_final, prompt_ids
 from nanovlm.media import frame_indices, load_preprocess, load_video
 from nanovlm.model import VISUAL_TOKEN, from_pretrained
@@ -129,13 +130,9 @@ def replica_inputs(out, raw, conversation):
             "pixel_values_videos": ((pixels - mean) / std)[None]}
 
 
-@pytest.mark.parametrize("inputs", [processor_inputs, replica_inputs], ids=["processor", "replica"])
-@pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
-def test_export_matches_transformers_on_a_video_file(cases, tmp_path, case, inputs):
+def assert_export_matches_transformers(final, video, out, inputs, name):
     """The exported directory in transformers, on a video file through the exported processor: the prompt tokens
     equal nanovlm's, logits within 1e-4 of nanovlm's on the same frames, the same greedy answer token for token."""
-    final, video = cases[case]
-    out = str(tmp_path / "hf")
     assert main(["--ckpt", final, "--out", out]) == 0
     model, tokenizer, info = load_final(final)
     frames = load_video(video, info["num_frames"], load_preprocess(info["vision_path"]))
@@ -150,14 +147,36 @@ def test_export_matches_transformers_on_a_video_file(cases, tmp_path, case, inpu
     with torch.no_grad():
         ours = model(ids[None], frames)
         theirs = reference(**theirs_in).logits[..., :model.cfg.lm.vocab_size]
+        same_frames = reference(input_ids=theirs_in["input_ids"], pixel_values_videos=frames[None]).logits
     difference = (ours - theirs).abs().max().item()
-    print(f"{case} {inputs.__name__}: max |logit difference| {difference:.2e}")
-    assert difference <= 1e-4
-    answer = model.generate([ids], frames, 12, eos_id=tokenizer.eos_token_id)[0]
+    same = (ours - same_frames[..., :model.cfg.lm.vocab_size]).abs().max().item()
+    print(f"{name} {inputs.__name__}: max |logit difference| {difference:.2e}; on nanovlm's own frames {same:.2e}")
+    assert difference <= 1e-4 and same <= 1e-5
+    answer = model.generate([ids], frames, 12)[0]  # 12 tokens, past any end of answer: an untrained LM ends at once
+    reference.generation_config.eos_token_id = None
     generated = reference.generate(**theirs_in, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-    if tokenizer.eos_token_id in generated:
-        generated = generated[:generated.index(tokenizer.eos_token_id)]
+    print(f"{name}: greedy answer {answer}, identical: {generated == answer}")
     assert generated == answer
+
+
+@pytest.mark.parametrize("inputs", [processor_inputs, replica_inputs], ids=["processor", "replica"])
+@pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
+def test_export_matches_transformers_on_a_video_file(cases, tmp_path, case, inputs):
+    assert_export_matches_transformers(*cases[case], str(tmp_path / "hf"), inputs, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs", [processor_inputs, replica_inputs], ids=["processor", "replica"])
+def test_demo_trained_by_train_py_exports(synthetic, tmp_path, inputs):
+    """The same for a final/ that train.py wrote: config/synthetic_video.py, 2 steps."""
+    args = run_args(synthetic, tmp_path / "run", max_steps=2, num_frames=8, max_tokens=256, train_vision=False)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "config/synthetic_video.py", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stderr[-2000:]
+    video = str(synthetic / "20bn-something-something-v2" / "1.webm")
+    final = str(tmp_path / "run" / "final")
+    assert_export_matches_transformers(final, video, str(tmp_path / "hf"), inputs, "trained demo")
 
 
 @pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
@@ -190,6 +209,19 @@ def test_export_init_from_export_is_byte_identical(cases, tmp_path, case):
     difference = (logits[0] - logits[1]).abs().max().item()
     print(f"{case} round trip: max |logit difference| {difference:.2e}")
     assert difference <= 1e-6
+
+
+def test_chat_templates_take_content_lists_the_way_vllm_detects_them(cases):
+    """vLLM passes OpenAI-style content lists ({"type": "video"}, {"type": "text", ...}) to a chat template only if it
+    finds `for m in messages` and a loop over `m['content']` in it (vllm/entrypoints/chat_utils.py); otherwise it
+    flattens the content to "<video>\\n" + text, placeholder first, which is not how nanovlm trained."""
+    jinja2 = pytest.importorskip("jinja2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(cases["siglip"][0])  # has a chat template of its own
+    for template in ("plain", "vicuna_v1", "chat"):
+        loops = list(jinja2.Environment().parse(chat_template(template, tokenizer)).find_all(jinja2.nodes.For))
+        messages = {loop.target.name for loop in loops if getattr(loop.iter, "name", None) == "messages"}
+        assert any(isinstance(loop.iter, jinja2.nodes.Getitem) and getattr(loop.iter.node, "name", None) in messages
+                   and getattr(loop.iter.arg, "value", None) == "content" for loop in loops), template
 
 
 def test_export_is_complete_and_sharded_above_max_shard_size(cases, tmp_path):

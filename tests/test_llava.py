@@ -68,15 +68,16 @@ def assert_close(actual, expected, atol, what):
 
 
 def imported(path, vision_path=None, lm_path=None, **run):
-    """What init_from=path does: read the checkpoint, take the settings it fixes, check the run's against them,
-    build the model from the tower paths (the checkpoint itself where it holds them), fill what it holds."""
+    """What train.py does for init_from=path: read the checkpoint, check the run's settings against it, take the
+    tower paths it gives, load the towers from them, then the projector from the checkpoint."""
     info = llava.read_llava(str(path))
     run = {"projector": "mlp2x_gelu", "pool_stride": 1, "vision_select_layer": -2, **run,
-           **{key: value for key, (value, _) in info["settings"].items()}}
+           **{key: value for key, (value, _) in info["settings"].items()}}  # the user sets what the checkpoint fixes
     llava.check_settings(info, vision_path=vision_path, **run)
-    model = llava.from_pretrained(str(vision_path or path), str(lm_path or path), projector=run["projector"],
+    vision_path, lm_path = llava.tower_paths(info, vision_path, lm_path)
+    model = llava.from_pretrained(str(vision_path), str(lm_path), projector=run["projector"],
                                   pool_stride=run["pool_stride"], select_layer=run["vision_select_layer"])
-    llava.load_llava(model, str(path), info)
+    llava.load_llava(model, str(path), info, parts={"projector"})
     return model.eval(), info
 
 
