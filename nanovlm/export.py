@@ -117,7 +117,7 @@ def chat_template(template, tokenizer):
             "{%- with messages = ns.messages -%}" + tokenizer.chat_template + "{%- endwith -%}")
 
 
-def processor_config(cfg, preprocess, info, select_strategy):
+def processor_config(cfg, preprocess, num_frames):
     """LlavaNextVideoProcessor's config (the image and video processors nested, as transformers 5 writes it)."""
     S, per_side = preprocess.size, cfg.vision.grid // cfg.pool_stride
     # the processor counts (S // patch_size)^2 // 4 tokens per frame: pick patch_size so that is per_side^2
@@ -129,12 +129,33 @@ def processor_config(cfg, preprocess, info, select_strategy):
               "do_normalize": True, "image_mean": list(preprocess.mean), "image_std": list(preprocess.std),
               "do_convert_rgb": True}  # resample 2: PIL's BILINEAR, antialiased on tensors
     return {"processor_class": "LlavaNextVideoProcessor", "patch_size": patch_size, "video_token": "<video>",
-            "image_token": "<image>", "vision_feature_select_strategy": select_strategy,
+            "image_token": "<image>", "vision_feature_select_strategy": "default" if cfg.vision.class_token else "full",
             "num_additional_image_tokens": int(cfg.vision.class_token),
             "image_processor": {**common, "image_processor_type": "LlavaNextImageProcessor", "do_pad": True,
                                 "image_grid_pinpoints": [[S, S]]},
             "video_processor": {**common, "video_processor_type": "LlavaNextVideoVideoProcessor",
-                                "do_sample_frames": False, "num_frames": info["num_frames"]}}
+                                "do_sample_frames": False, "num_frames": num_frames}}
+
+
+def llava_config(cfg, info, tokenizer, new_rows, dtype):
+    """config.json: the towers' own configs, and nanovlm's video path in LlavaNextVideo's settings."""
+    vision = llava.vision_dict(info["vision_path"])
+    vision = {**vision.get("vision_config", vision),  # a full CLIPModel / SiglipModel nests it
+              "model_type": "clip_vision_model" if cfg.vision.class_token else "siglip_vision_model"}
+    if cfg.vision.post_norm:
+        vision["tie_last_hidden_states"] = True
+    text = {k: v for k, v in llava.text_dict(info["lm_path"]).items() if not k.startswith("mm_")}
+    text["vocab_size"] = cfg.lm.vocab_size + new_rows
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MEDIA_TOKENS}
+    config = LlavaNextVideoConfig(
+        vision_config=vision, text_config=text, video_token_index=ids["<video>"], image_token_index=ids["<image>"],
+        projector_hidden_act="gelu", multimodal_projector_bias=True, vision_feature_layer=cfg.vision.select_layer,
+        vision_feature_select_strategy="default" if cfg.vision.class_token else "full", spatial_pool_mode="average",
+        spatial_pool_stride=cfg.pool_stride, image_grid_pinpoints=[[cfg.vision.image_size] * 2],
+        image_seq_length=cfg.vision.grid ** 2, video_seq_length=cfg.tokens_per_frame * info["num_frames"],
+        tie_word_embeddings=cfg.lm.tie_embeddings)
+    config.architectures, config.dtype = ["LlavaNextVideoForConditionalGeneration"], dtype
+    return config
 
 
 def export(model, tokenizer, info, out, dtype=torch.float32, max_shard_size="5GB"):
@@ -143,6 +164,8 @@ def export(model, tokenizer, info, out, dtype=torch.float32, max_shard_size="5GB
     that would not export exactly."""
     cfg = model.cfg
     check_exportable(cfg)
+    if os.path.isdir(out) and os.listdir(out):  # stale shards or an index would be read with the new files
+        raise ValueError(f"--out {out} exists and is not empty: remove it or choose another directory")
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in MEDIA_TOKENS
                           if t not in tokenizer.get_vocab()])
@@ -157,30 +180,14 @@ def export(model, tokenizer, info, out, dtype=torch.float32, max_shard_size="5GB
             json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                        "weight_map": split.tensor_to_filename}, f, indent=2)
 
-    vision = llava.vision_dict(info["vision_path"])
-    vision = {**vision.get("vision_config", vision),  # a full CLIPModel / SiglipModel nests it
-              "model_type": "clip_vision_model" if cfg.vision.class_token else "siglip_vision_model"}
-    if cfg.vision.post_norm:
-        vision["tie_last_hidden_states"] = True
-    text = {k: v for k, v in llava.text_dict(info["lm_path"]).items() if not k.startswith("mm_")}
-    text["vocab_size"] = cfg.lm.vocab_size + new_rows
-    strategy = "default" if cfg.vision.class_token else "full"
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MEDIA_TOKENS}
-    config = LlavaNextVideoConfig(
-        vision_config=vision, text_config=text, video_token_index=ids["<video>"], image_token_index=ids["<image>"],
-        projector_hidden_act="gelu", multimodal_projector_bias=True, vision_feature_layer=cfg.vision.select_layer,
-        vision_feature_select_strategy=strategy, spatial_pool_mode="average", spatial_pool_stride=cfg.pool_stride,
-        image_grid_pinpoints=[[cfg.vision.image_size] * 2], image_seq_length=cfg.vision.grid ** 2,
-        video_seq_length=cfg.tokens_per_frame * info["num_frames"], tie_word_embeddings=cfg.lm.tie_embeddings)
-    config.architectures, config.dtype = ["LlavaNextVideoForConditionalGeneration"], dtype
-    config.save_pretrained(out)
+    llava_config(cfg, info, tokenizer, new_rows, dtype).save_pretrained(out)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}, f, indent=2)
 
     tokenizer.chat_template = chat_template(info["template"], tokenizer)
     tokenizer.save_pretrained(out)
-    processor = processor_config(cfg, load_preprocess(info["vision_path"]), info, strategy)
+    processor = processor_config(cfg, load_preprocess(info["vision_path"]), info["num_frames"])
     files = {"processor_config.json": processor, "preprocessor_config.json": processor["image_processor"],
              "video_preprocessor_config.json": processor["video_processor"]}  # the last two: older transformers'
     for name, content in files.items():

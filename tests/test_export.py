@@ -224,15 +224,17 @@ def test_chat_templates_take_content_lists_the_way_vllm_detects_them(cases):
                    and getattr(loop.iter.arg, "value", None) == "content" for loop in loops), template
 
 
-def test_export_is_complete_and_sharded_above_max_shard_size(cases, tmp_path):
-    final, _ = cases["clip_l"]
+@pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
+def test_export_is_complete_and_sharded_above_max_shard_size(cases, tmp_path, case):
+    final, _ = cases[case]
     assert main(["--ckpt", final, "--out", str(tmp_path / "sharded"), "--max_shard_size", "40KB"]) == 0
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     prefixes = ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
                 "language_model.lm_head.", "image_newline")
     assert all(key.startswith(prefixes) for key in index["weight_map"])  # the names vLLM's loader maps
-    assert "vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in index["weight_map"]  # unused, from the tower
+    unused = {"demo": "post_layernorm.weight", "clip_l": "encoder.layers.2.mlp.fc1.weight", "siglip": "head.probe"}
+    assert "vision_tower.vision_model." + unused[case] in index["weight_map"]  # never run by nanovlm: from the tower
     _, loading = tf.LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "sharded",
                                                                           output_loading_info=True)
     assert not any(loading.values()), loading  # no missing, unexpected or mismatched tensor
