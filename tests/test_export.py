@@ -19,7 +19,7 @@ from torchcodec.encoders import VideoEncoder
 import prepare
 from conftest import run_args
 from nanovlm import llava
-from nanovlm.data import load_tokenizer
+from nanovlm.data import encode, load_tokenizer
 from nanovlm.export import chat_template, export, main
 from nanovlm.generate import load_final, prompt_ids
 from nanovlm.media import frame_indices, load_preprocess, load_video
@@ -182,7 +182,8 @@ def test_demo_trained_by_train_py_exports(synthetic, tmp_path, inputs):
 @pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
 def test_export_init_from_export_is_byte_identical(cases, tmp_path, case):
     """final -> export -> a fresh model from the export (what init_from=<llava-hf dir> loads) -> export again:
-    the same safetensors bytes; the same hidden states, bit for bit, and logits."""
+    the same safetensors bytes; the same hidden states, bit for bit, and logits; the exported tokenizer (its chat
+    template wrapped) encodes a training conversation as the run's did."""
     final, video = cases[case]
     model, tokenizer, info = load_final(final)
     export(model, tokenizer, info, tmp_path / "first")
@@ -195,8 +196,11 @@ def test_export_init_from_export_is_byte_identical(cases, tmp_path, case):
     again = llava.from_pretrained(first, first, projector=settings["projector"], pool_stride=settings["pool_stride"],
                                   select_layer=settings["vision_select_layer"])
     llava.load_llava(again, first, checkpoint)
-    export(again.eval(), tf.AutoTokenizer.from_pretrained(first),
-           {**info, "vision_path": first, "lm_path": first}, tmp_path / "second")
+    exported_tokenizer = tf.AutoTokenizer.from_pretrained(first)
+    conversation = [{"from": "human", "value": QUESTION + "\n<video>"}, {"from": "gpt", "value": "Holding something."}]
+    template = info["template"]
+    assert encode(conversation, exported_tokenizer, template) == encode(conversation, tokenizer, template)
+    export(again.eval(), exported_tokenizer, {**info, "vision_path": first, "lm_path": first}, tmp_path / "second")
     assert (tmp_path / "first" / "model.safetensors").read_bytes() == \
         (tmp_path / "second" / "model.safetensors").read_bytes()
     frames = load_video(video, info["num_frames"], load_preprocess(info["vision_path"]))
