@@ -92,7 +92,7 @@ preempt_signal = "SIGTERM"  # on it, every rank stops after the current step, ch
 #                             SIGTERM before SIGKILL; "SIGUSR1" for sbatch --signal=USR1@120)
 # -----------------------------------------------------------------------------------------------------------------
 
-from nanovlm import checkpoint, data, lifecycle, scoring  # noqa: E402  (after the defaults, which are the docs)
+from nanovlm import checkpoint, data, lifecycle, llava, scoring  # noqa: E402  (after the defaults, which are the docs)
 from nanovlm.config import Config, ConfigError, configure, defaults  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
 from nanovlm.model import IGNORE, vlm_config  # noqa: E402
@@ -111,6 +111,7 @@ def settings(argv) -> Config:
     exit code 2 and one line on stderr, before anything is loaded or written."""
     try:
         c = configure(DEFAULTS, argv)
+        start_from_llava(c)
         check_config(c, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -145,8 +146,9 @@ def check_config(c: Config, world_size):
     if c.init_from == "resume":
         raise ConfigError("init_from='resume' is now resume=True: init_from says where a stage starts (its towers "
                           "and a previous stage's final/), resume continues this run; pass --resume=True")
-    if c.init_from != "hf" and not os.path.isfile(os.path.join(c.init_from, "trained.safetensors")):
-        raise ConfigError(f"init_from={c.init_from!r}: expected 'hf' or a run's final/ directory")
+    if c.init_from != "hf" and not os.path.isfile(os.path.join(c.init_from, "trained.safetensors")) and \
+            llava.read_llava(c.init_from) is None:
+        raise ConfigError(f"init_from={c.init_from!r}: expected 'hf', a run's final/ directory or a LLaVA checkpoint")
     if c.preempt_signal not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
         raise ConfigError(f"preempt_signal={c.preempt_signal!r} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
     existing = os.path.abspath(c.out_dir)  # the directory that makedirs(out_dir) would write into
@@ -175,6 +177,21 @@ def check_config(c: Config, world_size):
         raise ConfigError(f"num_frames={c.num_frames} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
                           f"visual tokens leave {c.max_tokens - num_visual} of max_tokens={c.max_tokens} for text "
                           f"(at least {min_text} needed); raise max_tokens or pool_stride, or lower num_frames")
+
+
+def start_from_llava(c: Config):
+    """init_from a published LLaVA checkpoint (nanovlm/llava.py): a llava-hf directory, an original LLaVA one, or
+    a stage-1 mm_projector.bin. The settings it fixes must agree with the run's; its towers become the run's."""
+    if c.init_from in ("hf", "resume"):
+        return
+    try:
+        info = llava.read_llava(c.init_from)
+        if info is not None:
+            llava.check_settings(info, projector=c.projector, pool_stride=c.pool_stride,
+                                 vision_select_layer=c.vision_select_layer, vision_path=c.vision_path)
+            c.vision_path, c.lm_path = llava.tower_paths(info, c.vision_path, c.lm_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_tower_path(key, path):
@@ -341,7 +358,12 @@ def write_final(model, c: Config, tokenizer, inherited=None):
     final/ and not retrained), where each part came from, the tokenizer."""
     final = os.path.join(c.out_dir, "final")
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    kept = [] if inherited is None else sorted(set(safe_open(inherited, "pt").keys()) - set(trained))
+    if inherited is None:
+        kept = []
+    elif inherited.endswith("trained.safetensors"):
+        kept = sorted(set(safe_open(inherited, "pt").keys()) - set(trained))
+    else:  # a LLaVA checkpoint: its projector (its towers are this run's tower paths)
+        kept = sorted({name for name, _ in model.named_parameters() if name.startswith("projector.")} - set(trained))
     checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"), trained + kept)
     if dist.get_rank() == 0:
         with open(os.path.join(final, "nanovlm.json"), "w") as f:
@@ -399,7 +421,8 @@ def run(c: Config, device, preemption=None):
             json.dump(vars(c), f, indent=1)
         print0(json.dumps(vars(c), indent=1))
     cfg = vlm_config(c.vision_path, c.lm_path, c.projector, c.pool_stride, c.vision_select_layer)
-    inherited = None if c.init_from == "hf" else os.path.join(c.init_from, "trained.safetensors")
+    inherited = None if c.init_from == "hf" else c.init_from if llava.read_llava(c.init_from) else \
+        os.path.join(c.init_from, "trained.safetensors")  # a LLaVA checkpoint, or a run's trained tensors
     model = build_sharded(cfg, device, c.vision_path, c.lm_path, c.seed, inherited, param_dtype=dt,
                           trainable={"vision": c.train_vision, "projector": c.train_projector, "lm": c.train_lm},
                           activation_checkpointing=c.activation_checkpointing, compile=c.compile)

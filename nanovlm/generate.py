@@ -24,8 +24,7 @@ from safetensors import SafetensorError
 
 from nanovlm.data import PLACEHOLDER, encode, expand_visual, load_tokenizer
 from nanovlm.media import load_image, load_preprocess, load_video
-from nanovlm.llava import from_pretrained  # a tower path may be a LLaVA checkpoint
-from nanovlm.model import load_trained
+from nanovlm.model import from_pretrained, load_trained
 
 FINAL_KEYS = ("vision_path", "lm_path", "projector", "pool_stride", "vision_select_layer", "template", "num_frames")
 

@@ -22,7 +22,6 @@ import torch.nn as nn
 from transformers import AutoConfig
 
 from nanovlm import hf
-from nanovlm.model import VLMConfig, build
 
 LLAVA_HF = ("LlavaForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
 LLAVA_ORIGINAL = {"LlavaLlamaForCausalLM": "LlamaForCausalLM", "LlavaQwenForCausalLM": "Qwen2ForCausalLM",
@@ -131,7 +130,8 @@ def tower_paths(info, vision_path, lm_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configs: a tower path may be a llava-hf directory (vision and LM) or an original LLaVA checkpoint (LM)
+# Configs: a tower path may be a llava-hf directory (vision and LM) or an original LLaVA checkpoint (LM);
+# model.vlm_config reads the towers' configs through these
 
 def vision_dict(path):
     config = hf.read_config(path)
@@ -145,12 +145,6 @@ def text_dict(path):
         text = AutoConfig.from_pretrained(path).text_config.to_dict()
         return {**text, "architectures": [TEXT_ARCHITECTURES.get(text["model_type"], text["model_type"])]}
     return {**config, "architectures": [LLAVA_ORIGINAL[architecture]]} if architecture in LLAVA_ORIGINAL else config
-
-
-def vlm_config(vision_path, lm_path, projector="mlp2x_gelu", pool_stride=1, select_layer=-2) -> VLMConfig:
-    """model.vlm_config, with either path allowed to be a LLaVA checkpoint."""
-    return VLMConfig(vision=hf.vision_config(vision_dict(vision_path), select_layer, vision_path),
-                     lm=hf.lm_config(text_dict(lm_path), lm_path), projector=projector, pool_stride=pool_stride)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,21 +207,5 @@ def _load_projector_file(model, file):
         if state[found[name]].shape != p.shape:
             raise ValueError(f"{file}: {found[name]} {tuple(state[found[name]].shape)} does not fit projector.{name} "
                              f"{tuple(p.shape)}: it was trained for other towers")
-    for name, p in params.items():
-        p.copy_(state[found[name]])
-
-
-def from_pretrained(vision_path, lm_path, device="cpu", **kwargs):
-    """model.from_pretrained, with either path allowed to be a LLaVA checkpoint: the tower from vision_path (a
-    llava-hf directory's own tower), the LM from lm_path (and the tower too from an original checkpoint that holds
-    its own copy). The projector is left initialised, as there."""
-    model = build(vlm_config(vision_path, lm_path, **kwargs), device)
-    vision_info, lm_info = read_llava(vision_path), read_llava(lm_path)
-    if lm_info is not None and lm_info["kind"] == "original" and "vision" in lm_info["holds"]:
-        vision_path, vision_info = lm_path, lm_info
-    for part, path, info in (("vision", vision_path, vision_info), ("lm", lm_path, lm_info)):
-        if info is None:
-            (hf.load_vision if part == "vision" else hf.load_lm)(getattr(model, part), path)
-        else:
-            load_llava(model, path, info, {part})
-    return model
+    for name, p in params.items():  # each rank its rows, if sharded
+        hf.copy_rows(p, p.shape[0], 0, lambda start, stop, t=state[found[name]]: t[start:stop])

@@ -17,13 +17,14 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 
 import prepare
+import train
 from conftest import run_args
 from nanovlm import llava
 from nanovlm.data import encode, load_tokenizer
 from nanovlm.export import chat_template, export, main
 from nanovlm.generate import load_final, prompt_ids
 from nanovlm.media import frame_indices, load_preprocess, load_video
-from nanovlm.model import VISUAL_TOKEN, from_pretrained
+from nanovlm.model import VISUAL_TOKEN, VLM, from_pretrained, load_weights, normalize, vlm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is happening?"
@@ -147,7 +148,8 @@ def assert_export_matches_transformers(final, video, out, inputs, name):
     with torch.no_grad():
         ours = model(ids[None], frames)
         theirs = reference(**theirs_in).logits[..., :model.cfg.lm.vocab_size]
-        same_frames = reference(input_ids=theirs_in["input_ids"], pixel_values_videos=frames[None]).logits
+        normalised = normalize(frames, model.cfg)  # what nanovlm feeds its tower
+        same_frames = reference(input_ids=theirs_in["input_ids"], pixel_values_videos=normalised[None]).logits
     difference = (ours - theirs).abs().max().item()
     same = (ours - same_frames[..., :model.cfg.lm.vocab_size]).abs().max().item()
     print(f"{name} {inputs.__name__}: max |logit difference| {difference:.2e}; on nanovlm's own frames {same:.2e}")
@@ -180,8 +182,8 @@ def test_demo_trained_by_train_py_exports(synthetic, tmp_path, inputs):
 
 
 @pytest.mark.parametrize("case", ["demo", "clip_l", "siglip"])
-def test_export_init_from_export_is_byte_identical(cases, tmp_path, case):
-    """final -> export -> a fresh model from the export (what init_from=<llava-hf dir> loads) -> export again:
+def test_export_init_from_export_is_byte_identical(cases, synthetic, tmp_path, case):
+    """final -> export -> a fresh model from the export, through train.py's --init_from -> export again:
     the same safetensors bytes; the same hidden states, bit for bit, and logits; the exported tokenizer (its chat
     template wrapped) encodes a training conversation as the run's did."""
     final, video = cases[case]
@@ -190,12 +192,14 @@ def test_export_init_from_export_is_byte_identical(cases, tmp_path, case):
     first = str(tmp_path / "first")
     checkpoint = llava.read_llava(first)
     assert checkpoint["kind"] == "hf" and checkpoint["holds"] == {"vision", "projector", "lm"}
-    settings = dict(projector=info["projector"], pool_stride=info["pool_stride"],
-                    vision_select_layer=info["vision_select_layer"])
-    llava.check_settings(checkpoint, **settings)
-    again = llava.from_pretrained(first, first, projector=settings["projector"], pool_stride=settings["pool_stride"],
-                                  select_layer=settings["vision_select_layer"])
-    llava.load_llava(again, first, checkpoint)
+    # what train.py does with --init_from=first: the settings checked, the towers taken from it, then loaded
+    c = train.settings(run_args(synthetic, tmp_path / "run", init_from=first, projector=info["projector"],
+                                pool_stride=info["pool_stride"], vision_select_layer=info["vision_select_layer"]))
+    assert c.vision_path == c.lm_path == first
+    with torch.device("meta"):
+        again = VLM(vlm_config(c.vision_path, c.lm_path, c.projector, c.pool_stride, c.vision_select_layer))
+    again.to_empty(device="cpu")
+    load_weights(again, c.vision_path, c.lm_path, c.seed, trained=c.init_from)
     exported_tokenizer = tf.AutoTokenizer.from_pretrained(first)
     conversation = [{"from": "human", "value": QUESTION + "\n<video>"}, {"from": "gpt", "value": "Holding something."}]
     template = info["template"]

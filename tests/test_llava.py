@@ -75,7 +75,7 @@ def imported(path, vision_path=None, lm_path=None, **run):
            **{key: value for key, (value, _) in info["settings"].items()}}  # the user sets what the checkpoint fixes
     llava.check_settings(info, vision_path=vision_path, **run)
     vision_path, lm_path = llava.tower_paths(info, vision_path, lm_path)
-    model = llava.from_pretrained(str(vision_path), str(lm_path), projector=run["projector"],
+    model = from_pretrained(str(vision_path), str(lm_path), projector=run["projector"],
                                   pool_stride=run["pool_stride"], select_layer=run["vision_select_layer"])
     llava.load_llava(model, str(path), info, parts={"projector"})
     return model.eval(), info

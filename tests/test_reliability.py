@@ -330,6 +330,15 @@ def test_hostile_config_fails_before_any_work(case, extra, message, synthetic, b
     assert not (tmp_path / "out").exists() and not dist.is_initialized()
 
 
+def test_a_missing_local_tower_is_not_looked_up_on_the_hub(synthetic, tmp_path, run_main, monkeypatch):
+    """`data/smollm2` before `python prepare.py smollm2`: "data" exists here, so it is a local path that is
+    missing, an error naming it and what to run, not a hub id whose download fails later."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    code, stderr = run_main(run_args(synthetic, tmp_path / "out") + ["--lm_path=data/smollm2"])
+    assert code == 2 and "lm_path='data/smollm2' is not a directory" in stderr and "prepare.py smollm2" in stderr
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Non-finite loss or gradient
 
