@@ -502,7 +502,7 @@ def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device,
             if bad_steps >= c.max_bad_steps:
                 print0(f"\nstopping at step {step + 1}: {bad_steps} non-finite steps in a row; the last complete "
                        f"checkpoint is in {c.out_dir}/ckpt; lower the learning rate or check the data", file=sys.stderr)
-                dist.destroy_process_group()
+                lifecycle.end_distributed()
                 sys.exit(1)
         step += 1
         seconds = time.perf_counter() - t0
@@ -548,7 +548,7 @@ def main(argv=None):
     # after the process group: a rank still waiting for its peers (one of which failed) dies of torchrun's SIGTERM
     preemption = lifecycle.Preemption(c.preempt_signal)
     run(c, device, preemption)
-    dist.destroy_process_group()
+    lifecycle.end_distributed()
     del lock
 
 

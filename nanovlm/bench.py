@@ -28,6 +28,7 @@ import transformers as tf
 from nanovlm import data
 from nanovlm.metrics import FlopCounter, peak_flops
 from nanovlm.model import IGNORE, VISUAL_TOKEN, VLM, from_pretrained, vlm_config
+from nanovlm.lifecycle import end_distributed
 from nanovlm.parallel import build_sharded, setup_distributed
 
 SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 visual tokens per frame)
@@ -218,7 +219,7 @@ def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
     held = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values() if t.ndim)]
     held = [t.to_local() if isinstance(t, DTensor) else t for t in held]  # this rank's shard
     results.put((rank, seconds, sum(t.numel() * t.element_size() for t in held)))
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 def ranks(paths, size, repeats, world_size):
@@ -547,7 +548,7 @@ def check(device, quick):
     print(f"median MFU over the last {len(timed)} steps: {report['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s "
           f"({peak_source}); compiles per block: {report['compiles']}; peak memory {report['peak_memory_gb']:.1f} GB; "
           f"loading {report['load_s']:.1f} s")
-    torch.distributed.destroy_process_group()
+    end_distributed()
     return report
 
 

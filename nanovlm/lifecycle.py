@@ -8,6 +8,7 @@
   leaves them training (and writing into out_dir beside whatever runs next). Each rank started by torchrun watches
   its parent process; when the parent is gone the rank exits at once, with os._exit, so nothing half-done (a
   checkpoint being written) is committed. Its DataLoader workers notice their parent's death by themselves.
+- Teardown: `end_distributed` (see there).
 - Preemption: the configured signal (SIGTERM, which Slurm sends before SIGKILL; or SIGUSR1 for `--signal=USR1@T`)
   only sets a flag. The trainer reduces the flag over all ranks at every step boundary, so every rank stops after
   the same step, writes a complete checkpoint and exits 0. More signals during that save change nothing: the save
@@ -15,12 +16,15 @@
 """
 
 import fcntl
+import gc
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+
+import torch.distributed as dist
 
 
 class RunInUse(RuntimeError):
@@ -76,3 +80,13 @@ class Preemption:
     @property
     def requested(self):
         return self.received > 0
+
+
+def end_distributed():
+    """The end of a run's process group: every rank past its last collective (barrier), the group destroyed, and
+    whatever still refers to it (FSDP units, the device mesh: reference cycles) collected now, while the interpreter
+    is whole. Left to interpreter shutdown, gloo's C++ threads can be destroyed still joinable: "terminate called
+    without an active exception", SIGABRT, after a run that did everything right."""
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()

@@ -41,8 +41,8 @@ def read_llava(path) -> dict | None:
     """What the LLaVA checkpoint at `path` is, or None if it is not one: {"kind", "path", "holds" (the parts it
     has weights for), "settings" ({run setting: (value, where the checkpoint says it)}), "vision_tower" (the tower
     it names, (b)/(c))}. Raises ValueError, naming the setting, for what nanovlm cannot reproduce."""
-    if not os.path.exists(path):
-        return None  # a hub id: only a run's tower, never a LLaVA checkpoint here
+    if not os.path.exists(path) or (os.path.isfile(path) and not os.path.basename(path).startswith("mm_projector")):
+        return None  # a hub id (only a run's tower, never a LLaVA checkpoint here), or a file of another kind
     file = path if os.path.isfile(path) else os.path.join(path, "mm_projector.bin")
     directory = os.path.dirname(file)
     config = hf.read_config(directory) if os.path.isfile(os.path.join(directory, "config.json")) else {}

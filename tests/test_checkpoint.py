@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from nanovlm import checkpoint
+from nanovlm.lifecycle import end_distributed
 
 K_STEPS, M_STEPS = 3, 3  # train K, save after each step, train M more; the resumed run replays those M
 
@@ -75,7 +76,8 @@ def worker(rank: int, world: int, root: str, phase: str) -> None:
         losses = [train_step(model, optimizer) for _ in range(M_STEPS)]
     with open(os.path.join(root, f"losses-{phase}-rank{rank}.json"), "w") as f:
         json.dump(losses, f)
-    dist.destroy_process_group()
+    del model, optimizer
+    end_distributed()
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -138,7 +140,8 @@ def reshard_worker(rank: int, world: int, root: str, phase: str) -> None:
              for name, v in s.items() if hasattr(v, "full_tensor")}
     if rank == 0:
         torch.save({"weights": weights, "optimizer": state}, os.path.join(root, f"{phase}-{world}.pt"))
-    dist.destroy_process_group()
+    del model, optimizer
+    end_distributed()
 
 
 def test_a_checkpoint_of_two_ranks_loads_on_one(tmp_path):

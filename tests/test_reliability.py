@@ -178,7 +178,7 @@ def test_save_killed_before_any_file_system_call(killed_saves, scenario, process
             assert name in log, (where, name, log)
         for name in sorted(after):  # every checkpoint left loads whole, not only the newest
             model, optimizer = tiny_model()
-            extra = checkpoint.load(str(ckpt / name), model, optimizer)
+            extra, _ = checkpoint.load(str(ckpt / name), model, optimizer)
             assert extra["step"] == int(name.removeprefix("step_")), (where, name)
             assert str(ckpt / name) != path or extra["version"] == version, where
             saved = torch.load(run / f"weights-v{extra['version']}.pt")

@@ -24,6 +24,7 @@ import train  # noqa: E402
 from conftest import run_args  # noqa: E402
 from nanovlm import data, hf  # noqa: E402
 from nanovlm.config import configure  # noqa: E402
+from nanovlm.lifecycle import end_distributed  # noqa: E402
 from nanovlm.metrics import FlopCounter  # noqa: E402
 from nanovlm.model import IGNORE, VISUAL_TOKEN, vlm_config  # noqa: E402
 from nanovlm.parallel import build_sharded, setup_distributed  # noqa: E402
@@ -83,7 +84,7 @@ def collectives(out, vision, lm):
     if rank == 0:
         with open(os.path.join(out, f"losses-{world}.json"), "w") as f:
             json.dump(losses, f)
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def test_text_only_and_unreadable_batches_on_one_rank_match_one_rank(synthetic, tmp_path):
@@ -145,7 +146,7 @@ def load(out, vision, lm):
     digests = {name: digest(p.full_tensor()) for name, p in model.lm.named_parameters()}  # one at a time
     with open(os.path.join(out, f"load-{dist.get_rank()}.json"), "w") as f:
         json.dump({"peak": peak, "digests": digests}, f)
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def test_sharded_loading_reads_only_each_ranks_rows(synthetic, tmp_path):
