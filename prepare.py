@@ -15,7 +15,7 @@ What is notable here:
   clips, time or answers), so that the demo's few minutes of training go into what a video VLM must learn.
 - Every SSv2 video is probed once before it is listed. A broken clip found at training time costs a
   skipped sample; found here it costs a line in probe_report.json.
-- LLaVA records are checked by `nanovlm.data.validate_record`, the rule the training pipeline applies too.
+- LLaVA records are checked by `nanovlm.records.validate_record`, the rule the training pipeline applies too.
 
 Output record schema (what LLaVA-video users already have), media paths relative to a media root:
     {"id": "1", "video": "108961.webm", "conversations": [
@@ -42,7 +42,7 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from tqdm import tqdm
 
-from nanovlm.data import validate_record
+from nanovlm.records import validate_record
 
 DEFAULT_PROMPT = "Describe this video."
 

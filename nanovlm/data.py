@@ -1,12 +1,6 @@
-"""Training data: LLaVA-format JSON -> tokens with per-turn labels -> packed, resumable batches.
+"""Training data: records (nanovlm/records.py) -> samples -> packed, resumable batches.
 
 What is notable:
-- Labels come from explicit spans. Each template turns a conversation into (text, supervised)
-  segments; the segments are tokenized separately and concatenated, so a label can never be off
-  by a few tokens the way "tokenize again and subtract lengths" is when merges cross a boundary.
-  For `chat` the spans are found by rendering prefixes of the conversation with the tokenizer's own
-  chat template: the assistant's completion is what rendering one more turn adds after the
-  generation prompt, end-of-turn token included, trailing whitespace not.
 - Every text is tokenized once, at construction, so the lengths needed to pack are known before
   any video is decoded. A `<video>`/`<image>` placeholder is stored as one VISUAL_TOKEN and expanded
   to num_frames * tokens_per_frame positions when a sample is loaded.
@@ -24,7 +18,6 @@ import argparse
 import ctypes
 import functools
 import hashlib
-import json
 import os
 import re
 import sys
@@ -36,12 +29,7 @@ from transformers import AutoTokenizer
 
 from nanovlm.media import frame_indices, load_image, load_preprocess, load_video
 from nanovlm.model import IGNORE, VISUAL_TOKEN
-
-PLACEHOLDER = re.compile(r"<video>|<image>")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "chat", "vicuna_v1")
+from nanovlm.records import PLACEHOLDER, TEMPLATES, encode, expand_visual, read_records, validate_record  # noqa: F401
 
 _warned = set()
 
@@ -56,161 +44,6 @@ def seeded_generator(*parts):
     """A torch.Generator seeded by a tuple such as (seed, epoch, index), without collisions."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-# -----------------------------------------------------------------------------
-# records and conversations
-
-def validate_record(record):
-    """Return why a LLaVA record is malformed, or None if it is fine."""
-    if not isinstance(record, dict):
-        return "record is not a JSON object"
-    media = [key for key in ("video", "image") if key in record]
-    if len(media) > 1:
-        return "has both 'video' and 'image'; a sample holds at most one media item"
-    if media and not (isinstance(record[media[0]], str) and record[media[0]]):
-        return f"'{media[0]}' must be a non-empty path string"
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return "'conversations' must be a non-empty list"
-    if not all(isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
-               for t in turns):
-        return "every turn of 'conversations' must be {'from': str, 'value': str}"
-    start = 1 if turns[0]["from"] == "system" else 0  # an optional system prompt comes first
-    if start and PLACEHOLDER.search(turns[0]["value"]):
-        return "the system turn contains a <video>/<image> placeholder"
-    if len(turns) == start or (len(turns) - start) % 2:
-        return "the conversation must alternate human/gpt turns and end with a gpt turn"
-    num_placeholders = 0
-    for k in range(start, len(turns)):
-        sender, value = turns[k]["from"], turns[k]["value"]
-        expected = "user" if (k - start) % 2 == 0 else "assistant"
-        if ROLES.get(sender) != expected:
-            return (f"conversations[{k}] is from {sender!r}, expected "
-                    f"{'human' if expected == 'user' else 'gpt'} (turns alternate, starting with human)")
-        if expected == "assistant" and PLACEHOLDER.search(value):
-            return f"conversations[{k}] (gpt) contains a <video>/<image> placeholder"
-        if expected == "assistant" and not value.strip():
-            return f"conversations[{k}] (gpt) is empty"
-        num_placeholders += len(PLACEHOLDER.findall(value))
-    if media and num_placeholders != 1:
-        return f"has '{media[0]}' but {num_placeholders} <video>/<image> placeholders; expected exactly 1"
-    if not media and num_placeholders:
-        return "has a <video>/<image> placeholder but no 'video' or 'image' key"
-    return None
-
-
-@functools.cache  # asked once per tokenizer, not once per record
-def _adds_bos(tokenizer):
-    """Whether the LM was trained with a BOS it gets from its tokenizer (Llama yes, Qwen no)."""
-    return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-
-
-def _plain(messages, tokenizer, add_generation_prompt):
-    """LLaVA stage-1 pretraining: [bos] + visual tokens + answer + eos; the question is dropped.
-    A text-only record becomes [bos] + answer + eos: plain language modelling on the answer."""
-    turns = [m for m in messages if m["role"] != "system"]
-    if len(turns) != (1 if add_generation_prompt else 2):
-        raise ValueError(f"the plain template takes one human and one gpt turn, got {len(turns)} turns")
-    prompt = (tokenizer.bos_token if _adds_bos(tokenizer) else "") + "".join(PLACEHOLDER.findall(turns[0]["content"]))
-    answer = [] if add_generation_prompt else [(turns[1]["content"] + tokenizer.eos_token, True)]
-    return [(prompt, False)] + answer
-
-
-def _vicuna_v1(messages, tokenizer, add_generation_prompt):
-    """LLaVA's conv_vicuna_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." with the tokenizer's
-    eos as "</s>" (it is "</s>" for Vicuna/Llama). The answer segment keeps its leading space, so it
-    tokenizes the way it does inside the sentence."""
-    system = messages[0]["content"] if messages[0]["role"] == "system" else VICUNA_SYSTEM
-    text = (tokenizer.bos_token if _adds_bos(tokenizer) else "") + system + " "
-    segments = []
-    for message in messages:
-        if message["role"] == "user":
-            text += "USER: " + message["content"] + " ASSISTANT:"
-        elif message["role"] == "assistant":
-            segments += [(text, False), (" " + message["content"] + tokenizer.eos_token, True)]
-            text = ""
-    return segments + [(text, False)]
-
-
-def _chat(messages, tokenizer, add_generation_prompt):
-    """The tokenizer's own chat template. Supervised: each assistant completion, i.e. the tokens that
-    rendering the turn adds after the generation prompt, up to the end-of-turn token (<|im_end|>,
-    <|end|>, <|eot_id|>). The turn is cut where the tokens of "conversation ends here" and
-    "conversation goes on" diverge, so an end-of-conversation token (Phi-3 appends eos) or the
-    newline before the next turn is not taken as part of the answer."""
-    def render(msgs, generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-
-    full = render(messages, add_generation_prompt)
-    segments, start = [], 0
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(messages[:k], generation_prompt=True)
-        ends = render(messages[:k + 1])
-        goes_on = render(messages[:k + 1] + [{"role": "user", "content": "x"}])
-        if not (ends.startswith(before) and goes_on.startswith(before) and full.startswith(before)):
-            raise RuntimeError("the tokenizer's chat template does not render conversations prefix by prefix "
-                               "(it rewrites earlier turns), so assistant spans cannot be found; "
-                               "use template='vicuna_v1' or another LM")
-        ended = tokenizer(ends[len(before):], add_special_tokens=False, return_offsets_mapping=True)
-        going = tokenizer(goes_on[len(before):], add_special_tokens=False)["input_ids"]
-        n = len(os.path.commonprefix([ended["input_ids"], going]))
-        while n and not tokenizer.decode(ended["input_ids"][n - 1:n]).strip():
-            n -= 1  # whitespace after the end-of-turn token is the template's, not the model's to say
-        end = len(before) + (ended["offset_mapping"][n - 1][1] if n else 0)
-        if not (full.startswith(ends[:end]) and message["content"].strip() in full[len(before):end]):
-            raise RuntimeError(f"cannot find assistant turn {k} in the rendered chat template; "
-                               "use template='vicuna_v1' or another LM")
-        segments += [(full[start:len(before)], False), (full[len(before):end], True)]
-        start = end
-    return segments + [(full[start:], False)]
-
-
-def _tokenize(segments, tokenizer):
-    """(text, supervised) segments -> (ids, labels). A placeholder becomes one VISUAL_TOKEN."""
-    pieces = []  # (text, supervised), text None for a placeholder
-    for text, supervised in segments:
-        for j, part in enumerate(PLACEHOLDER.split(text)):
-            if j:
-                pieces.append((None, False))
-            if part:
-                pieces.append((part, supervised))
-    texts = [text for text, _ in pieces if text is not None]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    ids, labels = [], []
-    for text, supervised in pieces:
-        piece = [VISUAL_TOKEN] if text is None else next(encoded)
-        ids += piece
-        labels += piece if supervised else [IGNORE] * len(piece)
-    return ids, labels
-
-
-def encode(conversations, tokenizer, template, for_generation=False):
-    """A LLaVA conversation -> (ids, labels), labels unshifted with IGNORE where not supervised.
-    With for_generation=True -> (prompt_ids, answer): everything up to where the last gpt answer
-    begins, and that answer's text. A placeholder is one VISUAL_TOKEN in ids (see expand_visual).
-    Raises ValueError if the template cannot encode this conversation."""
-    messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
-    render = {"plain": _plain, "chat": _chat, "vicuna_v1": _vicuna_v1}[template]
-    if not for_generation:
-        return _tokenize(render(messages, tokenizer, False), tokenizer)
-    prompt_ids, _ = _tokenize(render(messages[:-1], tokenizer, True), tokenizer)
-    return prompt_ids, messages[-1]["content"]
-
-
-def expand_visual(ids, num_visual, labels=None):
-    """Replace the one VISUAL_TOKEN of a 1-D ids tensor by num_visual of them, and the matching
-    position of labels (if given) by num_visual IGNOREs. Returns (ids, labels)."""
-    where = (ids == VISUAL_TOKEN).nonzero()
-    if len(where) == 0:
-        return ids, labels
-    p = int(where[0, 0])
-    ids = torch.cat([ids[:p], ids.new_full((num_visual,), VISUAL_TOKEN), ids[p + 1:]])
-    if labels is not None:
-        labels = torch.cat([labels[:p], labels.new_full((num_visual,), IGNORE), labels[p + 1:]])
-    return ids, labels
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +72,7 @@ class VLMDataset(Dataset):
         self.train, self.seed = train, seed
         self.preprocess = load_preprocess(vision_path)
         verbose = int(os.environ.get("RANK", "0")) == 0  # every rank builds the dataset; one reports
-        records = _read_records(json_path)
+        records = read_records(json_path)
         self.records, self.json_indices, self.lengths, self.frame_counts = [], [], [], []
         all_ids, all_labels, offsets = [], [], [0]
         self.num_skipped = 0
@@ -330,20 +163,6 @@ class VLMDataset(Dataset):
         prompt_ids, _ = expand_visual(torch.tensor(prompt_ids), self._num_visual(self.records[i]))
         return prompt_ids, answer
 
-
-def _read_records(json_path):
-    try:
-        with open(json_path) as f:
-            records = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {json_path}: {e}") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{json_path}: expected a JSON list of records, got a {type(records).__name__}")
-    for json_index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{json_path} record {json_index}: expected an object, got {type(record).__name__}; "
-                             "the file must be a JSON list of LLaVA records")
-    return records
 
 
 class BadSampleMonitor:

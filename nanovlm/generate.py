@@ -6,7 +6,7 @@ What is notable:
 - A run's final/ holds only what the run trained (trained.safetensors) and where the towers came from
   (nanovlm.json). The towers are loaded from their Hugging Face directories, then the trained weights laid over
   them; a trained key the model does not have is an error, not a silently unused tensor.
-- The prompt is built by `data.encode`, the function training used, with the run's template and frame count,
+- The prompt is built by `records.encode`, the function training used, with the run's template and frame count,
   so the model sees at inference exactly the layout it was trained on. Frames are the segment centres.
 - Tokens are printed as they are generated. Each step decodes the whole answer so far and prints what is new:
   a single token can be half of a UTF-8 character (byte-level BPE) or lose its leading space when decoded
@@ -22,7 +22,8 @@ import sys
 import torch
 from safetensors import SafetensorError
 
-from nanovlm.data import PLACEHOLDER, encode, expand_visual, load_tokenizer
+from nanovlm.data import load_tokenizer
+from nanovlm.records import PLACEHOLDER, encode, expand_visual
 from nanovlm.media import load_image, load_preprocess, load_video
 from nanovlm.model import from_pretrained, load_trained
 

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from nanovlm.data import encode
+from nanovlm.records import encode
 from nanovlm.model import IGNORE, VISUAL_TOKEN
 
 OPPOSITES = (("left to right", "right to left"), ("up", "down"), ("towards", "away from"),
