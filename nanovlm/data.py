@@ -15,7 +15,9 @@ What is notable:
 """
 
 import argparse
+import bisect
 import ctypes
+import difflib
 import functools
 import hashlib
 import os
@@ -27,9 +29,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer
 
-from nanovlm.media import frame_indices, load_image, load_preprocess, load_video
+from nanovlm.media import frame_count, frame_indices, load_image, load_preprocess, load_video, probe_duration
 from nanovlm.model import IGNORE, VISUAL_TOKEN
-from nanovlm.records import PLACEHOLDER, TEMPLATES, encode, expand_visual, read_records, validate_record  # noqa: F401
+from nanovlm.records import (PLACEHOLDER, TEMPLATES, check_record, encode, expand_visual,  # noqa: F401
+                             ordered_media, read_records, validate_record, with_time_instruction)
 
 _warned = set()
 
@@ -49,18 +52,27 @@ def seeded_generator(*parts):
 # -----------------------------------------------------------------------------
 # the dataset
 
+class UnreadableMedia(Exception):
+    """A sample's medium that cannot be decoded: args = (path, why in one line)."""
+
+
 class VLMDataset(Dataset):
-    """A LLaVA-format JSON list of {"id", "video" or "image" (optional), "conversations"}.
+    """A JSON list of records in a layout nanovlm reads (records.to_llava): LLaVA's {"id", "video" and/or "image"
+    (a path or a list, as many placeholders), "conversations"}, ShareGPT-style "messages", LLaVA-Video-178K's
+    "data_source" folders.
 
     dataset[(epoch, row, i)] (what RowSampler yields) or dataset[i] (epoch 0) -> a sample dict:
     input_ids (T,), targets (T,) shifted (targets[t] is the id to predict at t), frames (F, 3, S, S)
-    uint8 with F = num_frames for a video, 1 for an image, 0 for text; index (JSON index) and row.
-    None if the media cannot be read. Train mode samples frames TSN-style from a generator seeded
-    by (seed, epoch, index); eval mode takes segment centres.
+    uint8, its media in placeholder order: num_frames per video (with fps > 0: its duration x fps, at most
+    max_frames), 1 per image, 0 for text; index (JSON index) and row. None if a medium cannot be read. Train mode
+    samples frames TSN-style from a generator seeded by (seed, epoch, index); eval mode (and time_instruction,
+    whose prompt states the frame times) takes segment centres. Durations come from the records ("duration",
+    written by prepare.py), else a probe of the file at construction.
     """
 
     def __init__(self, json_path, media_root, tokenizer, vision_path, template, num_frames, tokens_per_frame,
-                 max_tokens, train=True, seed=0, max_bad_fraction=0.01):
+                 max_tokens, train=True, seed=0, max_bad_fraction=0.01, fps=0.0, max_frames=32,
+                 max_frames_per_row=None, time_instruction=False):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
         if template != "chat" and tokenizer.eos_token is None:
@@ -69,89 +81,120 @@ class VLMDataset(Dataset):
             raise ValueError("template 'chat' needs a tokenizer with a chat_template; use 'vicuna_v1' or 'plain'")
         self.media_root, self.tokenizer, self.template = media_root, tokenizer, template
         self.num_frames, self.tokens_per_frame, self.max_tokens = num_frames, tokens_per_frame, max_tokens
-        self.train, self.seed = train, seed
+        self.fps, self.max_frames, self.max_frames_per_row = fps, max_frames, max_frames_per_row
+        self.train, self.seed, self.time_instruction = train, seed, time_instruction
         self.preprocess = load_preprocess(vision_path)
         verbose = int(os.environ.get("RANK", "0")) == 0  # every rank builds the dataset; one reports
         records = read_records(json_path)
-        self.records, self.json_indices, self.lengths, self.frame_counts = [], [], [], []
+        self.records, self.json_indices, self.lengths, self.frame_counts, self.media_frames = [], [], [], [], []
         all_ids, all_labels, offsets = [], [], [0]
-        self.num_skipped = 0
-        for json_index, record in enumerate(records):
-            problem = validate_record(record)
+        self.num_skipped = self.num_probed = 0
+        started = time.perf_counter()
+        for json_index, raw in enumerate(records):
+            record, problem = check_record(raw)
             if problem is None:
                 try:
+                    record, counts = self._media_frames(record)
                     ids, labels = encode(record["conversations"], tokenizer, template)
-                    problem = self._visual_problem(record, ids)
-                except Exception as e:  # ours, or the chat template's own (jinja's raise_exception): one record
-                    problem = f"{type(e).__name__}: {e}"
+                    problem = self._visual_problem(counts, ids)
+                except Exception as e:  # ours, the chat template's own (jinja's raise_exception), a probe's: one record
+                    problem = f"{type(e).__name__}: {str(e).partition(chr(10))[0]}"
             if problem is not None:
                 self.num_skipped += 1
                 if verbose:
-                    print(f"warning: {json_path} record {json_index} (id={record.get('id')!r}): {problem}; skipped",
+                    print(f"warning: {json_path} record {json_index} (id={raw.get('id')!r}): {problem}; skipped",
                           file=sys.stderr)
                 continue
-            num_visual = self._num_visual(record)
             self.records.append(record)
             self.json_indices.append(json_index)
-            self.lengths.append(min(len(ids) - (num_visual > 0) + num_visual, max_tokens))
-            self.frame_counts.append(num_visual // tokens_per_frame)
+            self.media_frames.append(counts)
+            self.lengths.append(min(len(ids) - len(counts) + sum(counts) * tokens_per_frame, max_tokens))
+            self.frame_counts.append(sum(counts))
             all_ids += ids
             all_labels += labels
             offsets.append(len(all_ids))
+        if verbose and self.num_probed:
+            print(f"note: {json_path}: {self.num_probed} videos probed for their duration in "
+                  f"{time.perf_counter() - started:.1f}s; `python prepare.py llava` writes durations into the records")
         # flat tensors, not lists of lists: DataLoader workers share them without copy-on-write growth
         self.ids, self.labels = torch.tensor(all_ids, dtype=torch.long), torch.tensor(all_labels, dtype=torch.long)
         self.offsets = torch.tensor(offsets)
+        self.sizes, self.weights = [len(self.records)], [1.0]  # what plans an epoch (Mixture: several)
         monitor = BadSampleMonitor(max_bad_fraction, what=f"records of {json_path}")
         monitor.update(num_samples=len(self.records), num_skipped=self.num_skipped)
         if not self.records:
             raise ValueError(f"{json_path}: no usable records ({len(records)} in the file, all skipped; see above)")
 
-    def _num_visual(self, record):
-        frames = self.num_frames if "video" in record else 1 if "image" in record else 0
-        return frames * self.tokens_per_frame
+    def _media_frames(self, record):
+        """(the record, with the time instruction if asked; the frames of each of its media in placeholder order)."""
+        media, durations = ordered_media(record, self.media_root), []
+        for kind, path, j in media:
+            given = record.get("duration")
+            given = given if isinstance(given, list) else [given]
+            if kind == "image" or not (self.fps > 0 or self.time_instruction):
+                durations.append(None)
+            elif j < len(given) and isinstance(given[j], (int, float)) and given[j] > 0:
+                durations.append(float(given[j]))
+            else:
+                self.num_probed += 1
+                durations.append(probe_duration(path))
+        counts = [1 if kind == "image" else frame_count(d, self.fps, self.max_frames) if self.fps > 0 else
+                  self.num_frames for (kind, _, _), d in zip(media, durations)]
+        if self.time_instruction:
+            record = dict(record, conversations=with_time_instruction(record["conversations"], counts, durations))
+        return record, counts
 
-    def _visual_problem(self, record, ids):
-        num_visual = self._num_visual(record)
-        if ids.count(VISUAL_TOKEN) != (num_visual > 0):
-            return f"the {self.template} template kept {ids.count(VISUAL_TOKEN)} of the record's placeholders"
+    def _visual_problem(self, counts, ids):
+        num_visual = sum(counts) * self.tokens_per_frame
+        if ids.count(VISUAL_TOKEN) != len(counts):
+            return (f"the {self.template} template kept {ids.count(VISUAL_TOKEN)} of the record's {len(counts)} "
+                    f"placeholders")
         if num_visual > self.max_tokens:
             return f"its {num_visual} visual tokens alone exceed max_tokens={self.max_tokens}"
+        if self.max_frames_per_row is not None and sum(counts) > self.max_frames_per_row:
+            return (f"its {sum(counts)} frames exceed max_frames_per_row={self.max_frames_per_row}; raise it, or lower "
+                    f"num_frames / max_frames")
         return None
 
     def __len__(self):
         return len(self.records)
 
-    def media_path(self, i):
-        record = self.records[i]
-        name = record.get("video") or record.get("image")
-        return None if name is None else os.path.join(self.media_root, name)
+    def media(self, i):
+        """Sample i's media in placeholder order: [(kind, path, frames)]."""
+        return [(kind, path, n) for (kind, path, _), n in zip(ordered_media(self.records[i], self.media_root),
+                                                             self.media_frames[i])]
 
     def load_frames(self, i, epoch=0):
-        """(F, 3, S, S) float frames of sample i; raises if its media cannot be read."""
-        record, path = self.records[i], self.media_path(i)
-        if "image" in record:
-            return load_image(path, self.preprocess)
-        if "video" in record:
-            generator = seeded_generator(self.seed, epoch, self.json_indices[i]) if self.train else None
-            return load_video(path, self.num_frames, self.preprocess, generator)
-        return torch.zeros(0, 3, self.preprocess.size, self.preprocess.size, dtype=torch.uint8)
+        """(F, 3, S, S) uint8 frames of sample i, its media in placeholder order; raises UnreadableMedia."""
+        timed = self.train and not self.time_instruction
+        generator = seeded_generator(self.seed, epoch, self.json_indices[i]) if timed else None
+        frames = []
+        for kind, path, count in self.media(i):
+            try:
+                frames.append(load_image(path, self.preprocess) if kind == "image" else
+                              load_video(path, count, self.preprocess, generator, by_time=self.fps > 0))
+            except Exception as e:  # any decoder/Pillow failure (incl. decompression bombs) is one bad sample
+                first_line = str(e).partition("\n")[0]  # some torchcodec errors append a bug-report form
+                raise UnreadableMedia(path, f"{type(e).__name__}: {first_line}") from None
+        if not frames:
+            return torch.zeros(0, 3, self.preprocess.size, self.preprocess.size, dtype=torch.uint8)
+        return frames[0] if len(frames) == 1 else torch.cat(frames)
 
     def __getitem__(self, key):
         epoch, row, i = key if isinstance(key, tuple) else (0, 0, key)
         try:
             frames = self.load_frames(i, epoch)
-        except Exception as e:  # any decoder/Pillow failure (incl. decompression bombs) is one bad sample
-            first_line = str(e).partition("\n")[0]  # some torchcodec errors append a bug-report form
-            _warn_once(self.media_path(i), f"cannot read {self.media_path(i)} (record {self.json_indices[i]}): "
-                         f"{type(e).__name__}: {first_line}; skipped")
+        except UnreadableMedia as e:
+            path, why = e.args
+            _warn_once(path, f"cannot read {path} (record {self.json_indices[i]}): {why}; skipped")
             return None
-        num_visual = self._num_visual(self.records[i])
+        num_visual = [n * self.tokens_per_frame for n in self.media_frames[i]]
         start, end = self.offsets[i], self.offsets[i + 1]
         ids, labels = expand_visual(self.ids[start:end], num_visual, self.labels[start:end])
         if len(ids) > self.max_tokens:
             # truncate text from the end, never visual tokens (the model needs all of a clip's tokens)
             is_text = ids != VISUAL_TOKEN
-            keep = ~is_text | (is_text.cumsum(0) <= self.max_tokens - num_visual)
+            keep = ~is_text | (is_text.cumsum(0) <= self.max_tokens - sum(num_visual))
             ids, labels = ids[keep], labels[keep]
         targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])  # (T,) next-token targets
         return {"input_ids": ids, "targets": targets, "frames": frames, "index": self.json_indices[i], "row": row}
@@ -160,9 +203,9 @@ class VLMDataset(Dataset):
         """For generation: (prompt ids with visual tokens expanded, reference answer) of sample i."""
         conversations = self.records[i]["conversations"]
         prompt_ids, answer = encode(conversations, self.tokenizer, self.template, for_generation=True)
-        prompt_ids, _ = expand_visual(torch.tensor(prompt_ids), self._num_visual(self.records[i]))
+        num_visual = [n * self.tokens_per_frame for n in self.media_frames[i]]
+        prompt_ids, _ = expand_visual(torch.tensor(prompt_ids), num_visual)
         return prompt_ids, answer
-
 
 
 class BadSampleMonitor:
@@ -183,15 +226,108 @@ class BadSampleMonitor:
 
 
 # -----------------------------------------------------------------------------
+# several datasets in one run
+
+DATASET_KEYS = {"name": str, "train_data": str, "val_data": str, "media_root": str, "weight": (int, float),
+                "num_frames": int, "fps": (int, float), "max_frames": int, "eval_label_set": bool}
+
+
+def dataset_entries(c):
+    """The run's datasets, each a dict with every key of DATASET_KEYS: c.datasets (keys left out take the run's
+    settings; val_data "" = none), or the one dataset of c.train_data / c.val_data / c.media_root, named "".
+    Raises ValueError (one line, naming the entry and key) for an entry that is wrong."""
+    inherited = {key: getattr(c, key) for key in ("num_frames", "fps", "max_frames", "eval_label_set")}
+    if not c.datasets:
+        return [dict(name="", train_data=c.train_data, val_data=c.val_data, media_root=c.media_root, weight=1.0,
+                     **inherited)]
+    entries = []
+    for k, entry in enumerate(c.datasets):
+        where = f"datasets[{k}]" + (f" ({entry['name']!r})" if isinstance(entry, dict) and "name" in entry else "")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is a {type(entry).__name__}; expected dict(name=..., train_data=..., "
+                             f"val_data=..., media_root=..., weight=...)")
+        for key, value in entry.items():
+            if key not in DATASET_KEYS:
+                close = difflib.get_close_matches(str(key), DATASET_KEYS, n=1)
+                raise ValueError(f"{where}: unknown key {key!r}; " + (f"did you mean {close[0]!r}?" if close else
+                                                                      f"valid keys: {', '.join(DATASET_KEYS)}"))
+            if not isinstance(value, DATASET_KEYS[key]) or isinstance(value, bool) != (DATASET_KEYS[key] is bool):
+                raise ValueError(f"{where}: {key}={value!r} is a {type(value).__name__}; expected "
+                                 f"{getattr(DATASET_KEYS[key], '__name__', 'a number')}")
+        missing = [key for key in ("name", "train_data", "media_root") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks {missing[0]!r} (needed: name, train_data, media_root)")
+        if not entry["name"] or entry["name"] in [e["name"] for e in entries]:
+            raise ValueError(f"{where}: name {entry['name']!r} is empty or taken; each dataset needs its own name "
+                             f"(it names its validation metrics)")
+        if entry.get("weight", 1.0) <= 0:
+            raise ValueError(f"{where}: weight={entry['weight']!r} must be above 0")
+        entries.append({"val_data": "", "weight": 1.0, **inherited, **entry})
+    return entries
+
+
+def make_dataset(entry, json_path, train, c, tokenizer, tokens_per_frame):
+    """A VLMDataset of one entry of dataset_entries, with the run's settings (c) and the entry's sampling."""
+    return VLMDataset(json_path, entry["media_root"], tokenizer, c.vision_path, c.template, entry["num_frames"],
+                      tokens_per_frame, c.max_tokens, train=train, seed=c.seed, max_bad_fraction=c.max_bad_fraction,
+                      fps=entry["fps"], max_frames=entry["max_frames"], max_frames_per_row=c.max_frames_per_row,
+                      time_instruction=c.time_instruction)
+
+
+class Mixture(Dataset):
+    """Several datasets as one: sample i of dataset d is sample offsets[d] + i; an epoch draws them by weight
+    (draw_order). Everything RowSampler, the loaders and collate read of a dataset."""
+
+    def __init__(self, datasets, weights):
+        self.datasets, self.weights, self.sizes = datasets, list(weights), [len(d) for d in datasets]
+        self.offsets = [sum(self.sizes[:d]) for d in range(len(datasets))]
+        self.lengths = [n for d in datasets for n in d.lengths]
+        self.frame_counts = [n for d in datasets for n in d.frame_counts]
+        self.max_tokens, self.preprocess, self.tokenizer = datasets[0].max_tokens, datasets[0].preprocess, \
+            datasets[0].tokenizer
+
+    def __len__(self):
+        return sum(self.sizes)
+
+    def __getitem__(self, key):
+        epoch, row, i = key
+        d = bisect.bisect_right(self.offsets, i) - 1
+        return self.datasets[d][(epoch, row, i - self.offsets[d])]
+
+
+# -----------------------------------------------------------------------------
 # packing, distributed rows, collate
 
-def plan_rows(lengths, frames, max_tokens, max_frames_per_row, seed, epoch, packing=True, shuffle=True, window=8):
-    """Group sample indices into rows. The order is shuffled by (seed, epoch); with packing, each
-    sample goes into the first of the last `window` open rows where it fits (tokens and frames),
-    else opens a new row. Without packing every row is one sample. Deterministic."""
+def draw_order(sizes, weights, seed, epoch):
+    """The samples of an epoch, in order, from datasets of these sizes (their samples numbered one after the other)
+    drawn by weight: an epoch holds sum(sizes) samples, dataset d about weights[d] / sum(weights) of them. A dataset
+    whose share is its size gives each sample once; another walks through its own shuffles, continued across
+    epochs (so an under-weighted one sees every sample before any twice). Then all are shuffled by (seed, epoch).
+    One dataset: a plain shuffle. Deterministic in (seed, epoch), so ranks and resumes agree."""
+    total, drawn, first = sum(sizes), [], 0
+    for d, (n, weight) in enumerate(zip(sizes, weights)):
+        k = n if len(sizes) == 1 else max(1, round(total * weight / sum(weights)))
+        if k == n:
+            picks = torch.arange(n)
+        else:
+            start = epoch * k  # position in dataset d's endless stream of shuffles
+            picks = torch.cat([torch.randperm(n, generator=seeded_generator(seed, "mixture", d, p))
+                               for p in range(start // n, (start + k - 1) // n + 1)])[start % n:start % n + k]
+        drawn.append(picks + first)
+        first += n
+    order = torch.cat(drawn)
+    return order[torch.randperm(len(order), generator=seeded_generator(seed, epoch))].tolist()
+
+
+def plan_rows(lengths, frames, max_tokens, max_frames_per_row, seed, epoch, packing=True, shuffle=True, window=8,
+              sizes=None, weights=None):
+    """Group sample indices into rows. The order is shuffled by (seed, epoch), drawn by weight from several
+    datasets if sizes/weights are given (draw_order); with packing, each sample goes into the first of the last
+    `window` open rows where it fits (tokens and frames), else opens a new row. Without packing every row is one
+    sample. Deterministic."""
     order = range(len(lengths))
     if shuffle:
-        order = torch.randperm(len(lengths), generator=seeded_generator(seed, epoch)).tolist()
+        order = draw_order(sizes or [len(lengths)], weights or [1.0], seed, epoch)
     if not packing:
         return [[i] for i in order]
     rows, open_rows = [], []  # open row: [indices, tokens, frames]
@@ -226,6 +362,7 @@ class RowSampler(Sampler):
     def __init__(self, dataset, micro_batch, max_frames_per_row, rank=0, world_size=1, seed=0, packing=True,
                  shuffle=True, max_tokens=None, rows_per_step=None):
         self.lengths, self.frame_counts = dataset.lengths, dataset.frame_counts
+        self.sizes, self.weights = dataset.sizes, dataset.weights
         self.max_tokens = max_tokens or dataset.max_tokens  # tokens per row
         if max(self.frame_counts) > max_frames_per_row:
             raise ValueError(f"a sample has {max(self.frame_counts)} frames but max_frames_per_row="
@@ -242,7 +379,7 @@ class RowSampler(Sampler):
     def rows(self):
         if self._plan is None or self._plan[0] != self.epoch:
             rows = plan_rows(self.lengths, self.frame_counts, self.max_tokens, self.max_frames_per_row, self.seed,
-                             self.epoch, self.packing, self.shuffle)
+                             self.epoch, self.packing, self.shuffle, sizes=self.sizes, weights=self.weights)
             self._plan = (self.epoch, rows)
         return self._plan[1]
 

@@ -5,10 +5,12 @@ What is notable:
   CLIP tower gets CLIP's mean/std and a SigLIP tower gets SigLIP's, with no flag to forget.
 - Videos are decoded with torchcodec in approximate seek mode (no full-file scan), and only the
   frames we sample are decoded. WebM stores no frame count, so approximate mode estimates it from
-  the duration; a truncated file decodes fewer frames than claimed. We then count exactly (a scan,
-  only on that rare path) and accept the file if >= 90% of the claimed frames are there.
+  the duration; a truncated file decodes fewer frames than claimed, a variable frame rate makes the
+  estimate wrong. We then scan (only on that rare path) and accept the file if it reaches >= 90% of
+  the duration its header claims.
 - Frame sampling is TSN-style for training (one random frame per equal segment) and segment
-  centres for evaluation. No horizontal flip: Something-Something has left/right classes.
+  centres for evaluation, over the frame indices (a fixed num_frames) or over time (fps: a clip's
+  duration x fps frames, up to a budget). No horizontal flip: Something-Something has left/right classes.
 - Frames are resized *whole* to the square input size: no centre crop, because the motion that
   defines an action can be at the edge of the frame. The aspect ratio is not kept: for actions the
   whole field of view matters more than undistorted shapes. Images follow LLaVA instead: pad to
@@ -83,17 +85,41 @@ def load_preprocess(vision_path):
     return VisionPreprocess(size, tuple(mean), tuple(std))
 
 
-def frame_indices(num_available, num_frames, generator=None):
-    """Split [0, num_available) into num_frames equal segments and take one frame from each:
-    a random one if a generator is given (TSN training sampling), else the centre (evaluation).
-    Short clips repeat frames rather than return fewer, so every clip has num_frames frames."""
-    edges = torch.linspace(0, num_available, num_frames + 1, dtype=torch.float64)
+def segment_points(length, count, generator=None):
+    """count points in [0, length) (float64), one in each of count equal segments: a random one if a generator is
+    given (TSN training sampling), else the centre (evaluation)."""
+    edges = torch.linspace(0, length, count + 1, dtype=torch.float64)
     width = edges[1:] - edges[:-1]
     if generator is None:
         offset = 0.5 * width
     else:
-        offset = torch.rand(num_frames, generator=generator, dtype=torch.float64) * width
-    return (edges[:-1] + offset).long().clamp(0, num_available - 1).tolist()
+        offset = torch.rand(count, generator=generator, dtype=torch.float64) * width
+    return edges[:-1] + offset
+
+
+def frame_indices(num_available, num_frames, generator=None):
+    """One frame index from each of num_frames equal segments of [0, num_available) (segment_points).
+    Short clips repeat frames rather than return fewer, so every clip has num_frames frames."""
+    return segment_points(num_available, num_frames, generator).long().clamp(0, num_available - 1).tolist()
+
+
+def frame_count(duration, fps, max_frames):
+    """Frames sampled by time from a clip of duration seconds: fps of them a second, at least 1, at most
+    max_frames (LLaVA-Video: 1 fps up to a budget), so longer clips get more frames until the budget."""
+    return min(max_frames, max(1, round(duration * fps)))
+
+
+def probe_duration(path):
+    """A video's duration in seconds, from its header (no scan), else from a scan of the file."""
+    from torchcodec.decoders import VideoDecoder
+    try:
+        for mode in ("approximate", "exact"):
+            meta = VideoDecoder(path, seek_mode=mode, num_ffmpeg_threads=1).metadata
+            if meta.end_stream_seconds:
+                return meta.end_stream_seconds - (meta.begin_stream_seconds or 0.0)
+    except Exception as e:  # torchcodec's RuntimeError/ValueError with FFmpeg's message
+        raise ValueError(f"cannot read the duration of {path}: {str(e).partition(chr(10))[0]}") from None
+    raise ValueError(f"{path} has no duration and no frames")
 
 
 def resize(frames, pre):
@@ -103,21 +129,33 @@ def resize(frames, pre):
     return frames
 
 
-def load_video(path, num_frames, pre, generator=None):
-    """Decode num_frames frames of a video file -> (num_frames, 3, S, S) uint8. Raises on a bad file."""
+def _sample(decoder, num_frames, generator, by_time):
+    """num_frames frames from a torchcodec decoder, spread over its frame indices or, by_time, over its duration
+    (so a clip with a variable frame rate is sampled evenly in time) -> (num_frames, 3, H, W) uint8."""
+    meta = decoder.metadata
+    if by_time:
+        begin, end = meta.begin_stream_seconds or 0.0, meta.end_stream_seconds or 0.0
+        if end <= begin:
+            raise RuntimeError("no duration in the header")
+        return decoder.get_frames_played_at((begin + segment_points(end - begin, num_frames, generator)).tolist()).data
+    if not meta.num_frames:  # int(duration * fps) in approximate mode: can be one short, the last frame unused
+        raise RuntimeError("no frame count in the header")
+    return decoder.get_frames_at(frame_indices(meta.num_frames, num_frames, generator)).data
+
+
+def load_video(path, num_frames, pre, generator=None, by_time=False):
+    """Decode num_frames frames of a video file -> (num_frames, 3, S, S) uint8. Raises on a bad file. Rotation
+    metadata is applied by torchcodec (as by FFmpeg's players); audio and other streams are ignored."""
     from torchcodec.decoders import VideoDecoder  # here, not at import: the GPU check runs without torchcodec
     decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
-    claimed = decoder.metadata.num_frames or 0  # int(duration * fps): can be one short, then the last frame is unused
     try:
-        if claimed < 1:
-            raise RuntimeError("no frame count in the header")
-        frames = decoder.get_frames_at(frame_indices(claimed, num_frames, generator)).data
-    except RuntimeError:
-        decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)  # scans the file: true count
-        available = decoder.metadata.num_frames or 0
-        if available < max(1, 0.9 * claimed):
-            raise ValueError(f"truncated video: {available} of {claimed} frames decodable") from None
-        frames = decoder.get_frames_at(frame_indices(available, num_frames, generator)).data
+        frames = _sample(decoder, num_frames, generator, by_time)
+    except RuntimeError:  # past the real end (a truncated file, a wrong estimate): scan for the true count and end
+        exact = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)
+        claimed, found = decoder.metadata.end_stream_seconds or 0.0, exact.metadata.end_stream_seconds or 0.0
+        if not len(exact) or found < 0.9 * claimed:
+            raise ValueError(f"truncated video: {found:.2f} of {claimed:.2f} s decodable") from None
+        frames = _sample(exact, num_frames, generator, by_time)
     return resize(frames, pre)  # frames: (num_frames, 3, H, W) uint8
 
 

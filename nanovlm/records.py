@@ -27,15 +27,70 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 TEMPLATES = ("plain", "chat", "vicuna_v1")
 
 
+def to_llava(record):
+    """A record in any layout nanovlm reads -> the LLaVA layout, unchanged if it is one already. ShareGPT-style
+    `messages` of {"role", "content"} (the `transformers` chat format) become `conversations`; a content list of
+    parts becomes its text parts and a placeholder per {"type": "image"/"video"} part, joined by newlines, the
+    part's path ("path", "url" or its type's key) taken in order. `images`/`videos` are `image`/`video`. Raises
+    ValueError (one line) for a `messages` record that is not of that form."""
+    if not isinstance(record, dict) or not ("messages" in record or "images" in record or "videos" in record):
+        return record
+    out = {k: v for k, v in record.items() if k not in ("messages", "images", "videos")}
+    for kind in ("image", "video"):
+        if kind + "s" in record and kind not in record:
+            out[kind] = record[kind + "s"]
+    if "messages" not in record:
+        return out
+    messages, turns, parts_media = record["messages"], [], {"image": [], "video": []}
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), (str, list)) for m in messages):
+        raise ValueError("every message of 'messages' must be {'role': str, 'content': str or a list of parts}")
+    for m in messages:
+        pieces = [m["content"]] if isinstance(m["content"], str) else []
+        for part in [] if isinstance(m["content"], str) else m["content"]:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind in ("image", "video"):
+                pieces.append(f"<{kind}>")
+                path = part.get("path") or part.get("url") or part.get(kind)
+                parts_media[kind] += [path] if isinstance(path, str) else []
+            else:
+                raise ValueError(f"a content part of a {m['role']!r} message is {part!r}; expected "
+                                 "{'type': 'text', 'text': str} or {'type': 'image'/'video', 'path': str}")
+        turns.append({"from": m["role"], "value": "\n".join(pieces)})
+    out["conversations"] = turns
+    for kind, paths in parts_media.items():
+        if paths and kind in out:
+            raise ValueError(f"'{kind}' paths are given both in the message parts and in the record; give them once")
+        out.update({kind: paths} if paths else {})
+    return out
+
+
+def check_record(record):
+    """(the record in the LLaVA layout, why it is malformed or None)."""
+    try:
+        record = to_llava(record)
+    except ValueError as e:
+        return record, str(e)
+    return record, validate_record(record)
+
+
+def media_lists(record):
+    """{"image": [paths], "video": [paths]} of a LLaVA record, for the keys it has (a path string is a list of one)."""
+    return {k: [record[k]] if isinstance(record[k], str) else record[k] for k in ("image", "video") if k in record}
+
+
 def validate_record(record):
-    """Return why a LLaVA record is malformed, or None if it is fine."""
+    """Return why a LLaVA record is malformed, or None if it is fine. `image`/`video` are a path or a list of them,
+    with as many placeholders (see ordered_media)."""
     if not isinstance(record, dict):
         return "record is not a JSON object"
-    media = [key for key in ("video", "image") if key in record]
-    if len(media) > 1:
-        return "has both 'video' and 'image'; a sample holds at most one media item"
-    if media and not (isinstance(record[media[0]], str) and record[media[0]]):
-        return f"'{media[0]}' must be a non-empty path string"
+    for key in ("video", "image"):
+        value = record.get(key)
+        if key in record and not (isinstance(value, str) and value or isinstance(value, list) and value and all(
+                isinstance(path, str) and path for path in value)):
+            return f"'{key}' must be a non-empty path string or a non-empty list of them"
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         return "'conversations' must be a non-empty list"
@@ -47,7 +102,6 @@ def validate_record(record):
         return "the system turn contains a <video>/<image> placeholder"
     if len(turns) == start or (len(turns) - start) % 2:
         return "the conversation must alternate human/gpt turns and end with a gpt turn"
-    num_placeholders = 0
     for k in range(start, len(turns)):
         sender, value = turns[k]["from"], turns[k]["value"]
         expected = "user" if (k - start) % 2 == 0 else "assistant"
@@ -58,12 +112,47 @@ def validate_record(record):
             return f"conversations[{k}] (gpt) contains a <video>/<image> placeholder"
         if expected == "assistant" and not value.strip():
             return f"conversations[{k}] (gpt) is empty"
-        num_placeholders += len(PLACEHOLDER.findall(value))
-    if media and num_placeholders != 1:
-        return f"has '{media[0]}' but {num_placeholders} <video>/<image> placeholders; expected exactly 1"
-    if not media and num_placeholders:
+    tags, media = PLACEHOLDER.findall(" ".join(turn["value"] for turn in turns)), media_lists(record)
+    if not media and tags:
         return "has a <video>/<image> placeholder but no 'video' or 'image' key"
+    for kind, paths in media.items():
+        found = len(tags) if len(media) == 1 else tags.count(f"<{kind}>")
+        if found != len(paths):
+            what = "<video>/<image>" if len(media) == 1 else f"<{kind}>"
+            return f"has {len(paths)} '{kind}' path{'s' * (len(paths) > 1)} but {found} {what} placeholders; " \
+                   f"expected {len(paths)}"
     return None
+
+
+def ordered_media(record, media_root=""):
+    """A valid LLaVA record's media in placeholder order: [(kind, path under media_root, index in its key's list)].
+    With one kind of media every placeholder is that kind (LLaVA-Video-178K writes <image> for its videos); with
+    both, <image> takes the next image and <video> the next video. A record's `data_source` (LLaVA-Video-178K)
+    is the folder under media_root that its videos are in."""
+    media = media_lists(record)
+    tags = [tag[1:-1] for tag in PLACEHOLDER.findall(" ".join(turn["value"] for turn in record["conversations"]))]
+    taken = dict.fromkeys(media, 0)
+    ordered = []
+    for tag in tags:
+        kind = next(iter(media)) if len(media) == 1 else tag
+        folder = os.path.join(media_root, str(record.get("data_source", ""))) if kind == "video" else media_root
+        ordered.append((kind, os.path.join(folder, media[kind][taken[kind]]), taken[kind]))
+        taken[kind] += 1
+    return ordered
+
+
+def with_time_instruction(conversations, counts, durations):
+    """The conversation with a sentence after each video placeholder: its duration and the times of its frames
+    (segment centres; counts and durations per placeholder, None for an image)."""
+    slots = iter(zip(counts, durations))
+
+    def note(match):
+        count, duration = next(slots)
+        if duration is None:
+            return match.group(0)
+        times = ", ".join(f"{(k + 0.5) * duration / count:.1f}s" for k in range(count))
+        return f"{match.group(0)}\nThe video lasts {duration:.1f} seconds; {count} frames sampled at {times}."
+    return [dict(turn, value=PLACEHOLDER.sub(note, turn["value"])) for turn in conversations]
 
 
 @functools.cache  # asked once per tokenizer, not once per record
@@ -167,16 +256,12 @@ def encode(conversations, tokenizer, template, for_generation=False):
 
 
 def expand_visual(ids, num_visual, labels=None):
-    """Replace the one VISUAL_TOKEN of a 1-D ids tensor by num_visual of them, and the matching
-    position of labels (if given) by num_visual IGNOREs. Returns (ids, labels)."""
-    where = (ids == VISUAL_TOKEN).nonzero()
-    if len(where) == 0:
-        return ids, labels
-    p = int(where[0, 0])
-    ids = torch.cat([ids[:p], ids.new_full((num_visual,), VISUAL_TOKEN), ids[p + 1:]])
-    if labels is not None:
-        labels = torch.cat([labels[:p], labels.new_full((num_visual,), IGNORE), labels[p + 1:]])
-    return ids, labels
+    """Repeat each VISUAL_TOKEN of a 1-D ids tensor as many times as its medium has visual tokens: num_visual, one
+    count per placeholder in order (or an int for every placeholder); labels (if given) likewise, whose placeholder
+    positions are IGNORE. Returns (ids, labels)."""
+    repeats = torch.ones_like(ids)
+    repeats[ids == VISUAL_TOKEN] = torch.as_tensor(num_visual, dtype=ids.dtype)
+    return ids.repeat_interleave(repeats), None if labels is None else labels.repeat_interleave(repeats)
 
 
 def read_records(json_path):

@@ -169,7 +169,9 @@ def test_chat_template_spans_with_system_turn():
     ({"conversations": [{"from": "human", "value": "q"}]}, "end with a gpt turn"),
     ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]}, "'from': str"),
     ({"conversations": "hello"}, "non-empty list"),
-    ({"video": "a", "image": "b", "conversations": []}, "both"),
+    ({"video": "a", "image": "b", "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "x"}]},
+     "has 1 'image' path but 0 <image> placeholders"),
+    ({"video": ["a", 3], "conversations": []}, "'video' must be a non-empty path string or a non-empty list of them"),
 ])
 def test_validate_record_rejects(record, reason):
     assert reason in validate_record(record)

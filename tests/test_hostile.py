@@ -265,16 +265,19 @@ GOOD = [video(ASK, ANSWER, id="good video"),
         {"id": "good text", "conversations": [turn("system", "Be brief."), turn("human", "Hi?"), turn("gpt", "Hi.")]}]
 ALTERNATE = "(turns alternate, starting with human)"
 TURN_TYPES = "every turn of 'conversations' must be {'from': str, 'value': str}"
+VIDEO_PATHS = "'video' must be a non-empty path string or a non-empty list of them"
 HOSTILE_RECORDS = {  # case -> (record, the exact reason)
     "missing conversations": ({"id": "bad", "video": "clip.webm"}, "'conversations' must be a non-empty list"),
     "empty conversations": (video(), "'conversations' must be a non-empty list"),
     "conversations not a list": (video(conversations="<video> hi"), "'conversations' must be a non-empty list"),
     "placeholder missing": (video(turn("human", "What?"), ANSWER),
-                            "has 'video' but 0 <video>/<image> placeholders; expected exactly 1"),
+                            "has 1 'video' path but 0 <video>/<image> placeholders; expected 1"),
     "two placeholders in a turn": (video(turn("human", "<video> and <video>"), ANSWER),
-                                   "has 'video' but 2 <video>/<image> placeholders; expected exactly 1"),
+                                   "has 1 'video' path but 2 <video>/<image> placeholders; expected 1"),
     "placeholders in two turns": (video(ASK, ANSWER, ASK, ANSWER),
-                                  "has 'video' but 2 <video>/<image> placeholders; expected exactly 1"),
+                                  "has 1 'video' path but 2 <video>/<image> placeholders; expected 1"),
+    "two images, one placeholder": ({"id": "bad", "image": ["a.png", "a.png"], "conversations": [
+        turn("human", "<image> and?"), ANSWER]}, "has 2 'image' paths but 1 <video>/<image> placeholders; expected 2"),
     "placeholder without media": ({"id": "bad", "conversations": [ASK, ANSWER]},
                                   "has a <video>/<image> placeholder but no 'video' or 'image' key"),
     "placeholder in assistant": (video(turn("human", "Hi"), turn("gpt", "It shows <video>")),
@@ -295,10 +298,16 @@ HOSTILE_RECORDS = {  # case -> (record, the exact reason)
     "from not a string": (video(ASK, turn(None, "x")), TURN_TYPES),
     "value missing": (video(ASK, {"from": "gpt"}), TURN_TYPES),
     "turn not an object": (video(ASK, "Pushing"), TURN_TYPES),
-    "video path not a string": (video(ASK, ANSWER, video=["clip.webm"]), "'video' must be a non-empty path string"),
-    "video path empty": (video(ASK, ANSWER, video=""), "'video' must be a non-empty path string"),
-    "video and image": (video(ASK, ANSWER, image="a.png"),
-                        "has both 'video' and 'image'; a sample holds at most one media item"),
+    "video path not a string": (video(ASK, ANSWER, video={"path": "clip.webm"}), VIDEO_PATHS),
+    "video path empty": (video(ASK, ANSWER, video=""), VIDEO_PATHS),
+    "video list empty": (video(ASK, ANSWER, video=[]), VIDEO_PATHS),
+    "video and image, no <image>": (video(ASK, ANSWER, image="a.png"),
+                                    "has 1 'image' path but 0 <image> placeholders; expected 1"),
+    "messages not role/content": ({"id": "bad", "messages": [{"role": "user", "text": "hi"}]},
+                                  "every message of 'messages' must be {'role': str, 'content': str or a list of parts}"),
+    "unknown content part": ({"id": "bad", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+                             "a content part of a 'user' message is {'type': 'audio'}; expected {'type': 'text', "
+                             "'text': str} or {'type': 'image'/'video', 'path': str}"),
 }
 
 
@@ -328,7 +337,8 @@ def test_hostile_record_skipped_with_reason(case, tokenizer, llava_root, capsys)
     assert dataset.json_indices == [0, 2, 3]
     assert capsys.readouterr().err == f"warning: {path} record 1 (id='bad'): {reason}; skipped\n"
     prepare.main(["llava-pretrain", "--root", str(llava_root), "--json", "hostile.json", "--val", "0"])
-    assert json.loads((llava_root / "hostile.clean.json").read_text()) == GOOD
+    clean = json.loads((llava_root / "hostile.clean.json").read_text())  # as they came, the video's duration added
+    assert [{k: v for k, v in r.items() if k != "duration"} for r in clean] == GOOD and clean[0]["duration"] > 0
     assert json.loads((llava_root / "hostile.report.json").read_text()) == [{"index": 1, "id": "bad", "reason": reason}]
 
 

@@ -280,8 +280,8 @@ GOOD = [
 BAD = [  # (record, expected start of the reason)
     ({"id": "d", "image": "00000/a.jpg"}, "'conversations' must be a non-empty list"),
     (image_record("e", turn("gpt", "<image>"), turn("human", "x")), "conversations[0] is from 'gpt'"),
-    (image_record("f", turn("human", "<image><image>"), turn("gpt", "x")), "has 'image' but 2 <video>/<image> placeholders"),
-    (image_record("g", turn("human", "Look."), turn("gpt", "x")), "has 'image' but 0 <video>/<image> placeholders"),
+    (image_record("f", turn("human", "<image><image>"), turn("gpt", "x")), "has 1 'image' path but 2 <video>/<image> placeholders"),
+    (image_record("g", turn("human", "Look."), turn("gpt", "x")), "has 1 'image' path but 0 <video>/<image> placeholders"),
     (image_record("h", turn("human", "<image>"), turn("gpt", "It is <image>")), "conversations[1] (gpt) contains a <video>/<image> placeholder"),
     (image_record("i", turn("human", "<image>"), turn("gpt", "  ")), "conversations[1] (gpt) is empty"),
     ({"id": "j", "conversations": [turn("human", "<image> hi"), turn("gpt", "x")]}, "has a <video>/<image> placeholder but no 'video' or 'image' key"),
@@ -316,4 +316,4 @@ def test_validate_record_video():
     record = {"video": "1.webm", "conversations": [turn("human", "Describe.\n<video>"), turn("gpt", "Moving up")]}
     assert prepare.validate_record(record) is None
     record["conversations"][0]["value"] = "Describe.\n<video> and <video>"
-    assert prepare.validate_record(record) == "has 'video' but 2 <video>/<image> placeholders; expected exactly 1"
+    assert prepare.validate_record(record) == "has 1 'video' path but 2 <video>/<image> placeholders; expected 1"

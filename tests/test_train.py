@@ -86,6 +86,7 @@ def test_resume_on_other_ranks_sees_every_sample_once(synthetic):
 
     class Plan:  # what RowSampler reads of a dataset: lengths, frames and the row budget
         lengths, frame_counts, max_tokens = [10] * 52, [0] * 52, 20  # 26 rows an epoch: 6 steps, 2 rows dropped
+        sizes, weights = [52], [1.0]  # one dataset
 
     def batches(sampler, start):  # TrainBatches' bookkeeping, without loading anything
         epoch, row = start
