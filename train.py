@@ -319,8 +319,8 @@ def evaluate_set(model, val_set, tokenizer, device, autocast, c: Config, name=""
             show_clips(writer, step, batch, counts, answers, c.eval_strips, f"{name}/" if name else "")
     loss_sum, count, correct, answered, skipped = all_reduce([loss_sum, count, correct, answered, skipped], device)
     model.train()
-    what, skipped = f"validation set {name!r}" if name else "the validation set", int(skipped)
-    if skipped:
+    what, skipped = f"validation set {name!r}" if name else "the validation set", int(skipped) + val_set.num_skipped
+    if skipped:  # unreadable when evaluated, or when the set was built (a record, a probe): each warned about above
         print0(f"warning: {skipped} unreadable samples of {what} skipped (see the warnings above)", file=sys.stderr)
     if not answered:
         print0(f"warning: no readable sample in {what} ({skipped} unreadable): no validation metrics",

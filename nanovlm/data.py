@@ -20,16 +20,18 @@ import ctypes
 import difflib
 import functools
 import hashlib
+import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer
 
-from nanovlm.media import frame_count, frame_indices, load_image, load_preprocess, load_video, probe_duration
+from nanovlm.media import frame_count, load_image, load_preprocess, load_video, probe_duration, sample_frames
 from nanovlm.model import IGNORE, VISUAL_TOKEN
 from nanovlm.records import (PLACEHOLDER, TEMPLATES, check_record, encode, expand_visual,  # noqa: F401
                              ordered_media, read_records, validate_record, with_time_instruction)
@@ -533,7 +535,8 @@ def load_tokenizer(path):
 # python -m nanovlm.data --bench: loader throughput against raw torchcodec decoding
 
 class _RawDecode(Dataset):
-    """The floor: decode the same frames (same indices) with torchcodec and nothing else."""
+    """The floor: decode the same frames (same indices or times) with torchcodec, and images with Pillow, and
+    nothing else: no resize, no tokens, no collate."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -542,64 +545,103 @@ class _RawDecode(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        from PIL import Image
         from torchcodec.decoders import VideoDecoder
         epoch, _, i = key
-        decoder = VideoDecoder(self.dataset.media_path(i), seek_mode="approximate", num_ffmpeg_threads=1)
-        generator = seeded_generator(self.dataset.seed, epoch, self.dataset.json_indices[i])
-        indices = frame_indices(decoder.metadata.num_frames, self.dataset.num_frames, generator)
-        return decoder.get_frames_at(indices).data
+        generator, decoded = seeded_generator(self.dataset.seed, epoch, self.dataset.json_indices[i]), []
+        for kind, path, count in self.dataset.media(i):
+            if kind == "image":
+                with Image.open(path) as image:
+                    decoded.append(torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8))
+            else:
+                by_time = self.dataset.fps > 0  # the exact index then, as load_video takes
+                decoder = VideoDecoder(path, seek_mode="exact" if by_time else "approximate", num_ffmpeg_threads=1)
+                decoded.append(sample_frames(decoder, count, generator, by_time))
+        return decoded
 
 
-def _epoch_clips_per_second(loader, sampler, epoch):
+def _epoch_samples_per_second(loader, sampler, epoch):
     sampler.set_epoch(epoch)
-    start, clips = time.perf_counter(), 0
+    start, samples = time.perf_counter(), 0
     for batch in loader:
-        raw = isinstance(batch, list)  # _RawDecode batches are lists of uint8 clips
-        clips += len(batch) if raw else batch["num_samples"]
-        for frames in batch if raw else [batch["frames"]]:
+        raw = isinstance(batch, list)  # _RawDecode batches are lists of samples, each a list of uint8 tensors
+        samples += len(batch) if raw else batch["num_samples"]
+        for frames in [t for sample in batch for t in sample] if raw else [batch["frames"]]:
             # touch every 4 KiB page: shared memory is paged in on first read, which a trainer pays too
             frames.reshape(-1).view(torch.uint8)[::4096].sum()
-    return clips / (time.perf_counter() - start)
+    return samples / (time.perf_counter() - start)
 
 
 def loader_speed(dataset, batch, workers, epochs):
-    """Median clips/s of the full pipeline and of raw decoding of the same frames, over `epochs` timed passes of
-    each, interleaved so that both see the same machine load. One clip per row, `batch` rows per batch."""
-    sampler = RowSampler(dataset, batch, max_frames_per_row=dataset.num_frames, packing=False)
+    """Median samples/s of the full pipeline and of raw decoding of the same frames, over `epochs` timed passes of
+    each, interleaved so that both see the same machine load. One sample per row, `batch` rows per batch."""
+    sampler = RowSampler(dataset, batch, max_frames_per_row=max(dataset.frame_counts), packing=False)
     loaders = {"full": make_loader(dataset, sampler, workers),
                "raw": DataLoader(_RawDecode(dataset), batch_sampler=sampler, num_workers=workers,
                                  persistent_workers=workers > 0, collate_fn=list)}
     rates = {name: [] for name in loaders}
     for epoch in range(epochs + 1):
         for name, loader in loaders.items():
-            rate = _epoch_clips_per_second(loader, sampler, epoch)
+            rate = _epoch_samples_per_second(loader, sampler, epoch)
             if epoch > 0:  # epoch 0 starts the workers
                 rates[name].append(rate)
     return tuple(sorted(rates[name])[len(rates[name]) // 2] for name in ("full", "raw"))  # medians
 
 
+def mixed_records(records, media_root, image_dir):
+    """Mixed media from video records, for the bench: of every three, one stays a clip, one becomes its clip's
+    first frame as a JPEG image (written to image_dir), one a sample of two clips (its own and the previous)."""
+    from PIL import Image
+    from torchcodec.decoders import VideoDecoder
+    mixed = []
+    for k, record in enumerate(records):
+        conversations = record["conversations"]
+        if k % 3 == 1:
+            frame = VideoDecoder(os.path.join(media_root, record["video"]))[0]  # (3, H, W) uint8
+            path = os.path.join(image_dir, f"{k}.jpg")
+            Image.fromarray(frame.permute(1, 2, 0).numpy()).save(path, quality=90)
+            mixed.append({"id": record["id"], "image": path, "conversations": [
+                dict(turn, value=turn["value"].replace("<video>", "<image>")) for turn in conversations]})
+        elif k % 3 == 2:
+            mixed.append({"id": record["id"], "video": [records[k - 1]["video"], record["video"]], "conversations": [
+                dict(turn, value=turn["value"].replace("<video>", "<video>\n<video>")) for turn in conversations]})
+        else:
+            mixed.append(record)
+    return mixed
+
+
 def bench():
     parser = argparse.ArgumentParser(description="data loader throughput vs raw torchcodec decoding")
     parser.add_argument("--bench", action="store_true", required=True)
-    parser.add_argument("--data", required=True, help="LLaVA-format JSON with video records")
+    parser.add_argument("--data", required=True, help="JSON of records (their media are decoded)")
     parser.add_argument("--media-root", required=True)
     parser.add_argument("--vision", required=True, help="HF vision tower dir (for size and mean/std)")
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir")
     parser.add_argument("--template", default="plain", choices=TEMPLATES)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4, help="rows per batch, one clip per row")
+    parser.add_argument("--fps", type=float, default=0.0, help="> 0: frames by time, at most --frames")
+    parser.add_argument("--mixed", action="store_true", help="turn a video JSON into clips, images and 2-clip "
+                        "samples (mixed_records)")
+    parser.add_argument("--batch", type=int, default=4, help="rows per batch, one sample per row")
     parser.add_argument("--epochs", type=int, default=5, help="timed passes of each loader, interleaved")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
-    dataset = VLMDataset(args.data, args.media_root, tokenizer, args.vision, args.template, args.frames,
-                           tokens_per_frame=1, max_tokens=1 << 20, train=True)
-    if any("video" not in record for record in dataset.records):
-        sys.exit(f"{args.data}: --bench measures video decoding; use a JSON whose records all have 'video'")
-    full, raw = loader_speed(dataset, args.batch, args.workers, args.epochs)
-    print(f"{len(dataset)} clips, {args.frames} frames -> {dataset.preprocess.size}px, {args.workers} workers")
-    print(f"raw torchcodec decode: {raw:8.1f} clips/s")
-    print(f"full pipeline:         {full:8.1f} clips/s  ({full / raw:.2f}x raw)")
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data
+        if args.mixed:
+            data = os.path.join(scratch, "mixed.json")
+            with open(data, "w") as f:
+                json.dump(mixed_records(read_records(args.data), args.media_root, scratch), f)
+        dataset = VLMDataset(data, args.media_root, tokenizer, args.vision, args.template, args.frames,
+                             tokens_per_frame=1, max_tokens=1 << 20, train=True, fps=args.fps, max_frames=args.frames)
+        full, raw = loader_speed(dataset, args.batch, args.workers, args.epochs)
+    kinds = {kind for i in range(len(dataset)) for kind, _, _ in dataset.media(i)}
+    print(f"{len(dataset)} samples ({' and '.join(sorted(kinds))}s, {sum(dataset.frame_counts)} frames), "
+          f"{args.frames} frames a clip{f' at most, {args.fps} fps' if args.fps else ''} -> "
+          f"{dataset.preprocess.size}px, {args.workers} workers")
+    print(f"raw decode:    {raw:8.1f} samples/s")
+    print(f"full pipeline: {full:8.1f} samples/s  ({full / raw:.2f}x raw)")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def resize(frames, pre):
     return frames
 
 
-def _sample(decoder, num_frames, generator, by_time):
+def sample_frames(decoder, num_frames, generator, by_time):
     """num_frames frames from a torchcodec decoder, spread over its frame indices or, by_time, over its duration
     (so a clip with a variable frame rate is sampled evenly in time) -> (num_frames, 3, H, W) uint8."""
     meta = decoder.metadata
@@ -147,15 +147,18 @@ def load_video(path, num_frames, pre, generator=None, by_time=False):
     """Decode num_frames frames of a video file -> (num_frames, 3, S, S) uint8. Raises on a bad file. Rotation
     metadata is applied by torchcodec (as by FFmpeg's players); audio and other streams are ignored."""
     from torchcodec.decoders import VideoDecoder  # here, not at import: the GPU check runs without torchcodec
-    decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
-    try:
-        frames = _sample(decoder, num_frames, generator, by_time)
-    except RuntimeError:  # past the real end (a truncated file, a wrong estimate): scan for the true count and end
+    decoder, frames = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1), None  # what the header says
+    if not by_time:  # (by time, approximate mode maps a time to a frame at the average rate: wrong for a VFR clip)
+        try:
+            frames = sample_frames(decoder, num_frames, generator, by_time)
+        except RuntimeError:  # past the real end: a truncated file, or a wrong estimate of the frame count
+            pass
+    if frames is None:  # the exact index (a scan of the packets for WebM): every frame's time, the true end
         exact = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)
         claimed, found = decoder.metadata.end_stream_seconds or 0.0, exact.metadata.end_stream_seconds or 0.0
         if not len(exact) or found < 0.9 * claimed:
-            raise ValueError(f"truncated video: {found:.2f} of {claimed:.2f} s decodable") from None
-        frames = _sample(exact, num_frames, generator, by_time)
+            raise ValueError(f"truncated video: {found:.2f} of {claimed:.2f} s decodable")
+        frames = sample_frames(exact, num_frames, generator, by_time)
     return resize(frames, pre)  # frames: (num_frames, 3, H, W) uint8
 
 

@@ -150,8 +150,8 @@ def with_time_instruction(conversations, counts, durations):
         count, duration = next(slots)
         if duration is None:
             return match.group(0)
-        times = ", ".join(f"{(k + 0.5) * duration / count:.1f}s" for k in range(count))
-        return f"{match.group(0)}\nThe video lasts {duration:.1f} seconds; {count} frames sampled at {times}."
+        times = ", ".join(f"{(k + 0.5) * duration / count:.2f}s" for k in range(count))
+        return f"{match.group(0)}\nThe video lasts {duration:.2f} seconds; {count} frames sampled at {times}."
     return [dict(turn, value=PLACEHOLDER.sub(note, turn["value"])) for turn in conversations]
 
 

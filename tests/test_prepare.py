@@ -317,3 +317,29 @@ def test_validate_record_video():
     assert prepare.validate_record(record) is None
     record["conversations"][0]["value"] = "Describe.\n<video> and <video>"
     assert prepare.validate_record(record) == "has 1 'video' path but 2 <video>/<image> placeholders; expected 1"
+
+
+def test_llava_small_set_keeps_a_training_split_and_an_empty_one_is_an_error(tmp_path):
+    """6 records, 5 usable, the default --val 1000: 1 held out (at most a tenth, at least one), 4 to train on (it used
+    to hold out all 5 and write an empty training split); a video's duration goes into its record; any layout
+    nanovlm reads is cleaned as it came; no usable record is an error naming the report."""
+    root = tmp_path / "small"
+    (root / "images").mkdir(parents=True)
+    VideoEncoder(torch.zeros(18, 3, 16, 16, dtype=torch.uint8), frame_rate=12).to_file(root / "images" / "v.webm")
+    (root / "images" / "a.jpg").write_bytes(b"jpeg")
+    records = [image_record(f"r{k}", turn("human", "<image>"), turn("gpt", "A cat."), image="a.jpg") for k in range(3)]
+    records += [{"id": "v", "video": "v.webm", "conversations": [turn("human", "<video>"), turn("gpt", "Dark.")]},
+                {"id": "m", "messages": [{"role": "user", "content": [{"type": "image", "path": "a.jpg"}]},
+                                         {"role": "assistant", "content": "A cat."}]},
+                {"id": "bad", "conversations": []}]
+    (root / "small.json").write_text(json.dumps(records))
+    run("llava", "--root", root, "--json", "small.json")
+    clean, val = read(root / "small.clean.json"), read(root / "small.val.json")
+    assert (len(clean), len(val)) == (4, 1) and [r["id"] for r in read(root / "small.report.json")] == ["bad"]
+    by_id = {r["id"]: r for r in clean + val}
+    assert by_id["v"]["duration"] == pytest.approx(1.5, abs=0.01) and "messages" in by_id["m"]
+    (root / "bad.json").write_text(json.dumps(records[-1:] * 3))
+    with pytest.raises(SystemExit, match=r"bad.json: no usable record of 3, nothing to train on; reasons in .*"
+                                         r"bad.report.json"):
+        run("llava", "--root", root, "--json", "bad.json")
+    assert not (root / "bad.clean.json").exists()
