@@ -422,6 +422,52 @@ def checkpointing(model, size, dtype, repeats, device):
     return result
 
 
+def lora_vs_full(paths, size, dtype, repeats, device, rank=16):
+    """Finetuning the LM in full against LoRA adapters of `rank` on all its projections (the projector trained in
+    both, the tower frozen), on the fixed batch: gradient + AdamW state bytes, everything held (all weights too),
+    step time (medians, the two alternated)."""
+    from nanovlm import lora
+    from nanovlm.model import load_weights
+    runs = {}
+    for name in ("full", "lora"):
+        with torch.device("meta"):
+            model = VLM(vlm_config(*paths))
+        model.vision.requires_grad_(False)
+        if name == "lora":
+            lora.add_adapters(model, [f"lm.{p}" for p in lora.LM_PROJECTIONS], rank, 2.0 * rank, 0.0)
+        model.to_empty(device=device)
+        load_weights(model, *paths)
+        if name == "lora":
+            lora.init_adapters(model, 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[name] = (model, torch.optim.AdamW(params, lr=1e-5, fused=True), params)
+    batch = {k: v.to(device) for k, v in packed_batch(make_batches(runs["full"][0].cfg, size, ("fixed",))["fixed"],
+                                                      size["max_tokens"]).items()}
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step(name):
+        model, optimizer, _ = runs[name]
+        with autocast:
+            loss, count = model(**batch)
+        (loss / count).backward()
+        optimizer.step()  # the gradients stay until the next step's zero_grad: they are counted below
+        sync(device)
+
+    seconds = median_seconds({name: (lambda n=name: (runs[n][1].zero_grad(), step(n))) for name in runs}, repeats,
+                             device)
+    result = {"rank": rank, "dtype": str(dtype).removeprefix("torch."), "step_s": seconds}
+    for name, (model, optimizer, params) in runs.items():
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.ndim)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        result[name] = {"trained_params": sum(p.numel() for p in params), "grad_optimizer_bytes": grads + state,
+                        "held_bytes": weights + grads + state}
+    result["grad_optimizer_ratio"] = result["lora"]["grad_optimizer_bytes"] / result["full"]["grad_optimizer_bytes"]
+    result["held_ratio"] = result["lora"]["held_bytes"] / result["full"]["held_bytes"]
+    result["step_ratio"] = seconds["lora"] / seconds["full"]
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # `--check`: the paths a GPU run takes (varlen attention, bf16 FSDP, activation checkpointing, compile), on the
 # device at hand: it needs only torch, transformers and safetensors (random weights and frames, no decoding)
@@ -590,6 +636,7 @@ def measure(args, device):
         model = from_pretrained(*paths, device=device)
         report["checkpointing"] = checkpointing(model, size, dtypes[-1], args.repeats, device)
         del model
+        report["lora"] = lora_vs_full(paths, size, dtypes[-1], args.repeats, device)
         if device.type == "cpu":  # gloo ranks on the same cores
             report["ranks"] = [ranks(paths, size, args.repeats, world_size) for world_size in (1, 2)]
         report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats, size["clips"])
@@ -615,6 +662,11 @@ def print_table(report):
               f" GB ({m['step_saved']:.0%} less)")
     print(f"  step time at {ck['frames_timed']} frames: {ck['step_s']['off']:.2f} s -> {ck['step_s']['on']:.2f} s "
           f"({ck['time_cost']:+.0%})")
+    lo = report["lora"]
+    print(f"LoRA rank {lo['rank']} on every LM projection vs the LM in full ({lo['dtype']}): gradient + AdamW "
+          f"state {lo['lora']['grad_optimizer_bytes'] / 1e6:.1f} vs {lo['full']['grad_optimizer_bytes'] / 1e6:.1f} MB "
+          f"({lo['grad_optimizer_ratio']:.1%}); all held {lo['held_ratio']:.1%}; step "
+          f"{lo['step_s']['lora']:.2f} vs {lo['step_s']['full']:.2f} s ({lo['step_ratio']:.2f}x)")
     for r in report.get("ranks", []):
         print(f"{r['ranks']} rank(s) x {r['threads_per_rank']} threads: {r['tokens_per_s']:,.0f} tokens/s, "
               f"parameters + optimizer {r['param_optimizer_bytes_per_rank'] / 1e9:.3f} GB per rank")

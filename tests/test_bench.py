@@ -50,6 +50,9 @@ def test_memory_ranks_and_data(report):
     assert two["param_optimizer_bytes_per_rank"] <= 0.55 * one["param_optimizer_bytes_per_rank"]
     assert report["data"]["full_clips_per_s"] > 0 and report["data"]["raw_clips_per_s"] > 0
     assert report["data"]["size"] == 224  # SSv2-sized clips (427x240 VP9) resized to a 224 px tower
+    lora = report["lora"]  # LoRA trains a sliver: far less gradient and optimizer state than the LM in full
+    assert lora["lora"]["trained_params"] < lora["full"]["trained_params"]
+    assert lora["grad_optimizer_ratio"] < 1 and lora["held_ratio"] < 1 and lora["step_s"]["lora"] > 0
 
 
 def test_check_runs_the_gpu_paths_on_this_device(tmp_path):
