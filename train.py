@@ -471,7 +471,7 @@ def run(c: Config, device, preemption=None):
                   num_frames=c.num_frames, tokens_per_frame=cfg.tokens_per_frame, max_tokens=c.max_tokens,
                   seed=c.seed, max_bad_fraction=c.max_bad_fraction)
     val_set = data.VLMDataset(c.val_data, train=False, **common)
-    step, position = resume(model, optimizer, c) if c.resume else (0, (0, 0))
+    step, position = resume_run(model, optimizer, c) if c.resume else (0, (0, 0))
     if c.eval_only:
         metrics = evaluate(model, val_set, tokenizer, device, autocast, c)
         print0(json.dumps(metrics))
@@ -490,7 +490,7 @@ def run(c: Config, device, preemption=None):
     print0(f"done: {c.max_steps} steps; {skipped} unreadable samples skipped; weights in {final}")
 
 
-def resume(model, optimizer, c: Config):
+def resume_run(model, optimizer, c: Config):
     """Load the newest complete checkpoint of this run (saved by any number of ranks) -> (step, data position)."""
     path = checkpoint.latest(os.path.join(c.out_dir, "ckpt"))
     if path is None:

@@ -56,10 +56,10 @@ def test_memory_ranks_and_data(report):
 
 
 def test_check_runs_the_gpu_paths_on_this_device(tmp_path):
-    """`python -m nanovlm.bench --check` is what a GPU machine runs (varlen attention against per-sample SDPA,
-    bf16 FSDP steps with activation checkpointing and compiled blocks); --quick on the CPU runs the same code."""
+    """`python -m nanovlm.check` is what a GPU machine runs (varlen attention against per-sample SDPA, bf16 FSDP
+    steps with activation checkpointing and compiled blocks); --quick on the CPU runs the same code."""
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, "-m", "nanovlm.bench", "--check", "--device=cpu", "--quick",
+    result = subprocess.run([sys.executable, "-m", "nanovlm.check", "--device=cpu", "--quick",
                              f"--out={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stderr[-3000:]
