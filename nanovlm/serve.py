@@ -1,0 +1,469 @@
+"""Serve a trained model behind OpenAI's chat-completions API, with a web page at /:
+
+    python -m nanovlm.serve --ckpt out/synthetic_video/final [--host 127.0.0.1] [--port 8000]
+
+What is notable:
+- The shapes are OpenAI's (and vLLM's `video_url` part), so the official `openai` client works unchanged. The
+  server only translates: it checks the request, reads and decodes the medium in a thread pool (off the event
+  loop), builds the prompt with `data.encode`, the function training used, and hands it to the engine
+  (`nanovlm/engine.py`), which batches all running requests and streams their text back.
+- One image or video per request: nanovlm trains one medium per sample. Several turns are accepted; the medium's
+  placeholder follows the text of the user turn that holds it, as in training data ("question\\n<video>").
+- Every limit is a setting (`Limits`, the flags below) and every refusal is OpenAI's error object naming the
+  offending field, e.g. `messages[0].content[1].video_url`: 400 malformed, 404 unknown model, 413 over a size
+  limit, 429 queue full, 503 shutting down.
+- SIGTERM (uvicorn's graceful shutdown): no new connections; running and queued requests finish; then it exits.
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import json
+import os
+import queue
+import socket
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from nanovlm.data import PLACEHOLDER, encode, expand_visual
+from nanovlm.engine import Engine, Request, Stopped
+from nanovlm.generate import load_final
+from nanovlm.media import load_image, load_preprocess, load_video
+
+
+@dataclass
+class Limits:
+    max_request_bytes: int = 32 << 20  # request body (413)
+    max_media_bytes: int = 20 << 20  # one image or video file (413)
+    max_video_frames: int = 18_000  # frames a video's header claims (413): 10 min at 30 fps
+    max_video_seconds: float = 600.0  # a video's duration (413)
+    max_pixels: int = 3840 * 2160  # width x height of a video frame or an image (413)
+    max_tokens: int = 512  # cap on max_tokens / max_completion_tokens (400); the default when a request has none
+    max_media: int = 1  # images + videos per request (400): nanovlm trains one per sample
+    media_timeout: float = 10.0  # seconds to fetch an http(s) medium
+    allowed_media_dir: tuple = ()  # local paths and file:// URLs must lie under one of these (else 400)
+
+
+class APIError(Exception):
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
+             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+    def __init__(self, status, message, param=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param,
+                          "code": None}}
+
+    def response(self):
+        return JSONResponse(self.body(), self.status)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The request: JSON -> a conversation for data.encode, one medium, sampling settings
+
+def number(body, key, default, low, high, integer=False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"'{key}' must be {kind} in [{low}, {high}], got {value!r}", key)
+    return value
+
+
+def parse_messages(messages):
+    """OpenAI messages -> (turns {"from", "value"} as in training data, media [(kind, url, where, turn)])."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    turns, media = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        after_system = i - (turns[0]["from"] == "system" if turns else 0)
+        expected = ("system", "user") if i == 0 else ("user",) if after_system % 2 == 0 else ("assistant",)
+        if role not in expected:
+            raise APIError(400, f"{where}.role is {role!r}, expected {' or '.join(expected)}: an optional system "
+                                "message, then user and assistant alternating, ending with user", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            texts = [content]
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind in ("image_url", "video_url") and role == "user":
+                    url = part.get(kind)
+                    url = url.get("url") if isinstance(url, dict) else None
+                    if not isinstance(url, str):
+                        raise APIError(400, f"{where}.content[{j}].{kind} must be {{'url': str}}",
+                                       f"{where}.content[{j}].{kind}")
+                    media.append((kind.removesuffix("_url"), url, f"{where}.content[{j}].{kind}", len(turns)))
+                else:
+                    raise APIError(400, f"{where}.content[{j}]: part type {kind!r} is not accepted here; a "
+                                        f"{role} message takes " + ("text, image_url and video_url" if role ==
+                                        "user" else "text") + " parts", f"{where}.content[{j}]")
+        else:
+            raise APIError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
+        text = "\n".join(texts)
+        if PLACEHOLDER.search(text):
+            raise APIError(400, f"{where}: the text must not contain <video>/<image>; send the medium as an "
+                                "image_url or video_url part", f"{where}.content")
+        turns.append({"from": {"system": "system", "user": "human", "assistant": "gpt"}[role], "value": text})
+    if turns[-1]["from"] != "human":
+        raise APIError(400, f"messages[{len(turns) - 1}] must be from the user: it is what is answered",
+                       f"messages[{len(turns) - 1}].role")
+    return turns, media
+
+
+def sampling(body, limits):
+    """The settings a request may give, checked -> dict of engine.Request fields (max_tokens None: the default)."""
+    if body.get("n") not in (None, 1):
+        raise APIError(400, f"'n' must be 1, got {body['n']!r}: one answer per request", "n")
+    for key in ("tools", "logprobs"):
+        if body.get(key):
+            raise APIError(400, f"'{key}' is not supported by this server", key)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(body, key, None, 1, 1 << 31, integer=True)
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(400, f"'{key}' is {max_tokens}, over this server's cap of {limits.max_tokens} "
+                            "(--max-tokens)", key)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
+    for key in ("stream", "ignore_eos"):
+        if not isinstance(body.get(key, False), bool):
+            raise APIError(400, f"'{key}' must be true or false", key)
+    return dict(max_tokens=max_tokens, temperature=number(body, "temperature", 0.0, 0.0, 2.0),
+                top_p=number(body, "top_p", 1.0, 1e-9, 1.0), stop=tuple(stop),
+                seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+                ignore_eos=body.get("ignore_eos", False))
+
+
+def prompt(turns, media, tokenizer, info, tokens_per_frame):
+    """The prompt ids, with the medium's placeholder after its turn's text, encoded as training encodes."""
+    turns = [dict(turn) for turn in turns] + [{"from": "gpt", "value": ""}]
+    if media:
+        kind, _, _, turn = media[0]
+        turns[turn]["value"] += "\n<video>" if kind == "video" else "\n<image>"
+    try:
+        ids, _ = encode(turns, tokenizer, info["template"], for_generation=True)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e} (the model's template is {info['template']!r})", "messages") from None
+    num_frames = {"video": info["num_frames"], "image": 1}[media[0][0]] if media else 0
+    return expand_visual(torch.tensor(ids), num_frames * tokens_per_frame)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Media: data: URLs, allowed local files, http(s); checked against the limits before anything is decoded
+
+def read_media(url, where, limits):
+    """-> bytes, or the path of an allowed local file."""
+    too_big = f"{where}: the medium is over {limits.max_media_bytes} bytes (--max-media-bytes)"
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise APIError(400, f"{where}: a data URL must be data:<type>;base64,<data>", where)
+        if len(payload) // 4 * 3 > limits.max_media_bytes:
+            raise APIError(413, too_big, where)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, f"{where}: bad base64 in the data URL: {e}", where) from None
+    if url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(url, timeout=limits.media_timeout) as response:
+                data = response.read(limits.max_media_bytes + 1)
+        except (OSError, ValueError) as e:
+            raise APIError(400, f"{where}: cannot fetch {url}: {e}", where) from None
+        if len(data) > limits.max_media_bytes:
+            raise APIError(413, too_big, where)
+        return data
+    path = os.path.realpath(urllib.parse.unquote(url.removeprefix("file://")))
+    if not any(os.path.commonpath([path, os.path.realpath(d)]) == os.path.realpath(d)
+               for d in limits.allowed_media_dir):
+        raise APIError(400, f"{where}: {url} is not under a directory this server allows (--allowed-media-dir); "
+                            "send the file as a data: URL", where)
+    if not os.path.isfile(path):
+        raise APIError(400, f"{where}: no such file: {url}", where)
+    if os.path.getsize(path) > limits.max_media_bytes:
+        raise APIError(413, too_big, where)
+    return path
+
+
+def load_media(kind, url, where, num_frames, pre, limits):
+    """-> frames (F, 3, S, S) uint8. Runs in the media thread pool."""
+    source = read_media(url, where, limits)
+    if kind == "video" and isinstance(source, bytes):  # decoded from a file, as training and generate decode
+        with tempfile.NamedTemporaryFile(suffix=".video") as file:
+            file.write(source)
+            file.flush()
+            return decode_media(kind, file.name, where, num_frames, pre, limits)
+    return decode_media(kind, source, where, num_frames, pre, limits)
+
+
+def decode_media(kind, source, where, num_frames, pre, limits):
+    """A video file, or an image file or its bytes -> frames, once its header is within the limits."""
+    def opened():
+        return source if isinstance(source, str) else io.BytesIO(source)
+
+    def first_line(e):
+        return str(e).splitlines()[0] if str(e) else repr(e)
+
+    try:
+        if kind == "image":
+            with Image.open(opened()) as image:
+                checks = [(image.width * image.height, limits.max_pixels, "pixels", "--max-pixels")]
+        else:
+            from torchcodec.decoders import VideoDecoder
+            header = VideoDecoder(source, seek_mode="approximate").metadata
+            checks = [((header.width or 0) * (header.height or 0), limits.max_pixels, "pixels a frame", "--max-pixels"),
+                      (header.num_frames or 0, limits.max_video_frames, "frames", "--max-video-frames"),
+                      (header.duration_seconds or 0, limits.max_video_seconds, "seconds", "--max-video-seconds")]
+    except Exception as e:  # Pillow's and FFmpeg's many errors: the file is not a readable image / video
+        raise APIError(400, f"{where}: cannot read the {kind}: {first_line(e)}", where) from None
+    for value, limit, what, flag in checks:
+        if value > limit:
+            raise APIError(413, f"{where}: the {kind} has {value} {what}, over the limit of {limit} ({flag})", where)
+    try:
+        return load_image(opened(), pre) if kind == "image" else load_video(source, num_frames, pre)
+    except Exception as e:
+        raise APIError(400, f"{where}: cannot decode the {kind}: {first_line(e)}", where) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The app
+
+class EventStream(StreamingResponse):
+    """Server-sent events that cancel their request however the response ends (the client gone, above all)."""
+
+    def __init__(self, events, request):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.request = request
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request.cancelled = True
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def make_app(engine, tokenizer, info, limits, name):
+    pool = ThreadPoolExecutor(2, thread_name_prefix="nanovlm-media")
+    pre = load_preprocess(info["vision_path"])
+    tokens_per_frame = engine.model.cfg.tokens_per_frame
+    with open(os.path.join(os.path.dirname(__file__), "ui.html")) as f:
+        page = f.read()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()  # after uvicorn has waited for the open requests
+        pool.shutdown()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # unknown routes and methods, in OpenAI's error shape too
+        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, e.status_code)
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        ok = engine.thread.is_alive() and not engine.stopping
+        return JSONResponse({"status": "ok" if ok else "unavailable", "active": engine.active,
+                             "waiting": engine.waiting.qsize()}, 200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanovlm", "max_model_len": engine.max_len}]}
+
+    async def read_body(request):
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limits.max_request_bytes:
+            raise APIError(413, f"the request has {size} bytes, over {limits.max_request_bytes} "
+                                "(--max-request-bytes)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_request_bytes:
+                raise APIError(413, f"the request is over {limits.max_request_bytes} bytes (--max-request-bytes)")
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    async def submit(request, events):
+        """Check, read the medium, build the prompt, queue it -> (engine Request, checked body)."""
+        body = await read_body(request)
+        if body.get("model") not in (None, name):
+            raise APIError(404, f"model {body['model']!r} not found: this server serves {name!r}", "model")
+        turns, media = parse_messages(body.get("messages"))
+        if len(media) > limits.max_media:
+            raise APIError(400, f"{len(media)} images/videos in the request; this server takes at most "
+                                f"{limits.max_media} (nanovlm trains one medium per sample)", media[-1][2])
+        settings = sampling(body, limits)
+        loop = asyncio.get_running_loop()
+        frames = await loop.run_in_executor(pool, load_media, *media[0][:3], info["num_frames"], pre, limits) \
+            if media else None
+        ids = prompt(turns, media, tokenizer, info, tokens_per_frame)
+        room = engine.max_len - len(ids)
+        if settings["max_tokens"] is None:
+            settings["max_tokens"] = min(limits.max_tokens, room)
+        if settings["max_tokens"] > room or room < 1:
+            raise APIError(400, f"the prompt has {len(ids)} tokens (visual tokens included) and max_tokens is "
+                                f"{settings['max_tokens']}: over the context of {engine.max_len} tokens "
+                                "(--max-model-len)", "messages")
+        job = Request(ids, frames, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
+                      **settings)
+        try:
+            engine.submit(job)
+        except queue.Full:
+            raise APIError(429, f"the server is busy: {engine.waiting.maxsize} requests are waiting "
+                                "(--max-queue); retry later") from None
+        except Stopped:
+            raise APIError(503, "the server is shutting down") from None
+        return job, body
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        events = asyncio.Queue()
+        try:
+            job, body = await submit(request, events)
+        except APIError as e:
+            return e.response()
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=name)
+        usage = lambda tokens: dict(prompt_tokens=len(job.ids), completion_tokens=tokens,
+                                    total_tokens=len(job.ids) + tokens)
+        if body.get("stream"):
+            return EventStream(stream(job, events, head, usage, (body.get("stream_options") or {})
+                                      .get("include_usage") is True), job)
+        text = []
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    return JSONResponse({}, 499)
+                continue
+            if event[0] == "text":
+                text.append(event[1])
+            elif event[0] == "error":
+                return APIError(500, event[1]).response()
+            else:
+                return {**head, "object": "chat.completion", "usage": usage(event[2]), "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
+                     "finish_reason": event[1]}]}
+
+    async def stream(job, events, head, usage, include_usage):
+        def chunk(delta, finish=None):
+            return sse({**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            event = await events.get()
+            if event[0] == "text":
+                yield chunk({"content": event[1]})
+                continue
+            if event[0] == "error":
+                yield sse(APIError(500, event[1]).body())
+            else:
+                yield chunk({}, event[1])
+                if include_usage:
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(event[2])})
+            yield "data: [DONE]\n\n"
+            return
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def served_name(ckpt):
+    """out/synthetic_video/final -> synthetic_video: the run's name."""
+    path = os.path.abspath(ckpt).rstrip("/")
+    return os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "final" else os.path.basename(path)
+
+
+def context_length(lm, wanted):
+    """The context a batch row holds: wanted, within what the LM was trained for. Phi-3's longrope switches every
+    row's RoPE factors once one row passes the original length, so batched rows stay below it."""
+    longest = lm.max_position_embeddings
+    if lm.rope_type == "longrope":
+        longest = lm.rope_scaling["original_max_position_embeddings"]
+    return min(wanted, longest)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="serve a trained model behind OpenAI's chat-completions API")
+    parser.add_argument("--ckpt", required=True, help="a training run's out_dir/final")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoding together (batch rows)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + answer tokens per row")
+    for f in fields(Limits):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "allowed_media_dir":
+            parser.add_argument(flag, action="append", default=[], help="may be repeated; none: no local files")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+    args = parser.parse_args(argv)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    for directory in limits.allowed_media_dir:
+        if not os.path.isdir(directory):
+            parser.error(f"--allowed-media-dir {directory}: not a directory")
+    try:
+        model, tokenizer, info = load_final(args.ckpt, args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = served_name(args.ckpt)
+    engine = Engine(model, tokenizer, args.max_batch, context_length(model.cfg.lm, args.max_model_len),
+                    args.max_queue)
+    app = make_app(engine, tokenizer, info, limits, name)
+    sock = socket.create_server((args.host, args.port))
+    print(f"nanovlm.serve: {name} on http://{args.host}:{sock.getsockname()[1]}/ ({args.device}, "
+          f"{args.max_batch} rows of {engine.max_len} tokens)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
