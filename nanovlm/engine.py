@@ -79,12 +79,16 @@ class Engine:
     def run(self):
         with torch.inference_mode():
             while not (self.stopping and self.waiting.empty() and not self.active):
-                self.admit(block=not self.active)
-                for row, request in enumerate(self.rows):
-                    if request is not None and request.cancelled:
-                        self.release(row)
-                if self.active:
-                    self.step()
+                try:
+                    self.admit(block=not self.active)
+                    for row, request in enumerate(self.rows):
+                        if request is not None and request.cancelled:
+                            self.release(row)
+                    if self.active:
+                        self.step()
+                except Exception as e:  # the batch failed (out of memory, ...): its requests end, the engine goes on
+                    for row in range(len(self.rows)):
+                        self.fail(row, e)
 
     def admit(self, block):
         """Prefill waiting requests into free rows, lowest first; wait briefly for one when nothing runs."""
@@ -96,11 +100,12 @@ class Engine:
             block = False
             if request.cancelled:
                 continue
+            row = self.rows.index(None)
             try:
-                self.prefill(request, self.rows.index(None))
+                self.prefill(request, row)
             except Exception as e:  # a request the model cannot run fails alone
-                traceback.print_exc(file=sys.stderr)
-                request.emit("error", f"{type(e).__name__}: {e}")
+                self.rows[row] = request
+                self.fail(row, e)
 
     def prefill(self, request, row):
         if request.generator is None and request.temperature > 0:
@@ -120,20 +125,15 @@ class Engine:
         busy = torch.tensor([r is not None for r in self.rows[:n]])
         tokens = torch.tensor([r.tokens[-1] if r is not None else 0 for r in self.rows[:n]])
         view = self.cache.rows(n)
-        try:
-            logits = self.model(tokens[:, None].to(self.device), None, None, view.lengths[:, None],
-                                (busy.long() - 1)[:, None].to(self.device), view)  # free rows: document -1
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            for row, request in enumerate(self.rows):
-                if request is not None:
-                    request.emit("error", f"{type(e).__name__}: {e}")
-                    self.release(row)
-            return
+        logits = self.model(tokens[:, None].to(self.device), None, None, view.lengths[:, None],
+                            (busy.long() - 1)[:, None].to(self.device), view)  # free rows: document -1
         self.cache.lengths[:n] = view.lengths
         for row in range(n):
             if busy[row]:
-                self.advance(row, logits[row])
+                try:
+                    self.advance(row, logits[row])
+                except Exception as e:  # e.g. a sampling setting that overflows: that request ends
+                    self.fail(row, e)
 
     def advance(self, row, logits):
         """Take the next token of the request in `row` from its logits (vocab,); send the new text; finish it."""
@@ -161,6 +161,12 @@ class Engine:
     def release(self, row):
         self.rows[row] = None
         self.cache.release(row)
+
+    def fail(self, row, error):
+        if self.rows[row] is not None:
+            traceback.print_exc(file=sys.stderr)
+            self.rows[row].emit("error", f"{type(error).__name__}: {error}")
+            self.release(row)
 
 
 def held_back(text, stops):

@@ -61,99 +61,89 @@ class Limits:
 
 
 class APIError(Exception):
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+             500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status, message, param=None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
 
     def body(self):
-        return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param,
-                          "code": None}}
+        return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param, "code": None}}
 
-    def response(self):
-        return JSONResponse(self.body(), self.status)
+
+def check(condition, status, message, param=None):
+    if not condition:
+        raise APIError(status, message, param)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The request: JSON -> a conversation for data.encode, one medium, sampling settings
 
+def parse_messages(messages):
+    """OpenAI messages -> (turns {"from", "value"} as in training data, media [(kind, url, where, turn)])."""
+    check(isinstance(messages, list) and messages, 400, "'messages' must be a non-empty list", "messages")
+    turns, media = [], []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        after_system = i - (turns[0]["from"] == "system" if turns else 0)
+        expected = ("system", "user") if i == 0 else ("user",) if after_system % 2 == 0 else ("assistant",)
+        check(role in expected, 400, f"messages[{i}].role is {role!r}, expected {' or '.join(expected)}: an optional "
+              "system message, then user and assistant alternating, ending with user", f"messages[{i}].role")
+        text = parse_content(message.get("content"), role, f"messages[{i}]", media, len(turns))
+        turns.append({"from": {"system": "system", "user": "human", "assistant": "gpt"}[role], "value": text})
+    check(turns[-1]["from"] == "human", 400, f"messages[{i}] must be from the user: it is what is answered",
+          f"messages[{i}].role")
+    return turns, media
+
+
+def parse_content(content, role, where, media, turn):
+    """A message's content (a string or parts) -> its text; its image/video parts are added to media."""
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    check(isinstance(content, list), 400, f"{where}.content must be a string or a list of parts", f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        kind, at = part.get("type") if isinstance(part, dict) else None, f"{where}.content[{j}]"
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        accepted = "text, image_url and video_url" if role == "user" else "text"
+        check(kind in ("image_url", "video_url") and role == "user", 400,
+              f"{at}: part type {kind!r} is not accepted here; a {role} message takes {accepted} parts", at)
+        url = part[kind].get("url") if isinstance(part.get(kind), dict) else None
+        check(isinstance(url, str), 400, f"{at}.{kind} must be {{'url': str}}", f"{at}.{kind}")
+        media.append((kind.removesuffix("_url"), url, f"{at}.{kind}", turn))
+    text = "\n".join(texts)
+    check(not PLACEHOLDER.search(text), 400, f"{where}: the text must not contain <video>/<image>; send the medium "
+          "as an image_url or video_url part", f"{where}.content")
+    return text
+
+
 def number(body, key, default, low, high, integer=False):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise APIError(400, f"'{key}' must be {kind} in [{low}, {high}], got {value!r}", key)
+    check(not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and low <= value <= high,
+          400, f"'{key}' must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {value!r}", key)
     return value
 
 
-def parse_messages(messages):
-    """OpenAI messages -> (turns {"from", "value"} as in training data, media [(kind, url, where, turn)])."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    turns, media = [], []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        after_system = i - (turns[0]["from"] == "system" if turns else 0)
-        expected = ("system", "user") if i == 0 else ("user",) if after_system % 2 == 0 else ("assistant",)
-        if role not in expected:
-            raise APIError(400, f"{where}.role is {role!r}, expected {' or '.join(expected)}: an optional system "
-                                "message, then user and assistant alternating, ending with user", f"{where}.role")
-        content = message.get("content")
-        if isinstance(content, str):
-            texts = [content]
-        elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind in ("image_url", "video_url") and role == "user":
-                    url = part.get(kind)
-                    url = url.get("url") if isinstance(url, dict) else None
-                    if not isinstance(url, str):
-                        raise APIError(400, f"{where}.content[{j}].{kind} must be {{'url': str}}",
-                                       f"{where}.content[{j}].{kind}")
-                    media.append((kind.removesuffix("_url"), url, f"{where}.content[{j}].{kind}", len(turns)))
-                else:
-                    raise APIError(400, f"{where}.content[{j}]: part type {kind!r} is not accepted here; a "
-                                        f"{role} message takes " + ("text, image_url and video_url" if role ==
-                                        "user" else "text") + " parts", f"{where}.content[{j}]")
-        else:
-            raise APIError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
-        text = "\n".join(texts)
-        if PLACEHOLDER.search(text):
-            raise APIError(400, f"{where}: the text must not contain <video>/<image>; send the medium as an "
-                                "image_url or video_url part", f"{where}.content")
-        turns.append({"from": {"system": "system", "user": "human", "assistant": "gpt"}[role], "value": text})
-    if turns[-1]["from"] != "human":
-        raise APIError(400, f"messages[{len(turns) - 1}] must be from the user: it is what is answered",
-                       f"messages[{len(turns) - 1}].role")
-    return turns, media
-
-
 def sampling(body, limits):
-    """The settings a request may give, checked -> dict of engine.Request fields (max_tokens None: the default)."""
-    if body.get("n") not in (None, 1):
-        raise APIError(400, f"'n' must be 1, got {body['n']!r}: one answer per request", "n")
+    """The settings a request may give, checked -> engine.Request's fields (max_tokens None: the default)."""
+    check(body.get("n") in (None, 1), 400, f"'n' must be 1, got {body.get('n')!r}: one answer per request", "n")
     for key in ("tools", "logprobs"):
-        if body.get(key):
-            raise APIError(400, f"'{key}' is not supported by this server", key)
+        check(not body.get(key), 400, f"'{key}' is not supported by this server", key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(body, key, None, 1, 1 << 31, integer=True)
-    if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise APIError(400, f"'{key}' is {max_tokens}, over this server's cap of {limits.max_tokens} "
-                            "(--max-tokens)", key)
+    check(max_tokens is None or max_tokens <= limits.max_tokens, 400, f"'{key}' is {max_tokens}, over this "
+          f"server's cap of {limits.max_tokens} (--max-tokens)", key)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
+    check(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop), 400,
+          "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
     for key in ("stream", "ignore_eos"):
-        if not isinstance(body.get(key, False), bool):
-            raise APIError(400, f"'{key}' must be true or false", key)
+        check(isinstance(body.get(key, False), bool), 400, f"'{key}' must be true or false", key)
     return dict(max_tokens=max_tokens, temperature=number(body, "temperature", 0.0, 0.0, 2.0),
                 top_p=number(body, "top_p", 1.0, 1e-9, 1.0), stop=tuple(stop),
                 seed=number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
@@ -182,10 +172,9 @@ def read_media(url, where, limits):
     too_big = f"{where}: the medium is over {limits.max_media_bytes} bytes (--max-media-bytes)"
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise APIError(400, f"{where}: a data URL must be data:<type>;base64,<data>", where)
-        if len(payload) // 4 * 3 > limits.max_media_bytes:
-            raise APIError(413, too_big, where)
+        check(comma and header.endswith(";base64"), 400, f"{where}: a data URL must be data:<type>;base64,<data>",
+              where)
+        check(len(payload) // 4 * 3 <= limits.max_media_bytes, 413, too_big, where)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
@@ -196,18 +185,14 @@ def read_media(url, where, limits):
                 data = response.read(limits.max_media_bytes + 1)
         except (OSError, ValueError) as e:
             raise APIError(400, f"{where}: cannot fetch {url}: {e}", where) from None
-        if len(data) > limits.max_media_bytes:
-            raise APIError(413, too_big, where)
+        check(len(data) <= limits.max_media_bytes, 413, too_big, where)
         return data
-    path = os.path.realpath(urllib.parse.unquote(url.removeprefix("file://")))
-    if not any(os.path.commonpath([path, os.path.realpath(d)]) == os.path.realpath(d)
-               for d in limits.allowed_media_dir):
-        raise APIError(400, f"{where}: {url} is not under a directory this server allows (--allowed-media-dir); "
-                            "send the file as a data: URL", where)
-    if not os.path.isfile(path):
-        raise APIError(400, f"{where}: no such file: {url}", where)
-    if os.path.getsize(path) > limits.max_media_bytes:
-        raise APIError(413, too_big, where)
+    path = os.path.realpath(urllib.parse.unquote(url.removeprefix("file://")))  # symlinks resolved, then checked
+    allowed = [os.path.realpath(d) for d in limits.allowed_media_dir]
+    check(any(os.path.commonpath([path, d]) == d for d in allowed), 400, f"{where}: {url} is not under a directory "
+          "this server allows (--allowed-media-dir); send the file as a data: URL", where)
+    check(os.path.isfile(path), 400, f"{where}: no such file: {url}", where)
+    check(os.path.getsize(path) <= limits.max_media_bytes, 413, too_big, where)
     return path
 
 
@@ -227,8 +212,8 @@ def decode_media(kind, source, where, num_frames, pre, limits):
     def opened():
         return source if isinstance(source, str) else io.BytesIO(source)
 
-    def first_line(e):
-        return str(e).splitlines()[0] if str(e) else repr(e)
+    def failed(what, e):
+        return APIError(400, f"{where}: cannot {what} the {kind}: {str(e).splitlines()[0] if str(e) else e!r}", where)
 
     try:
         if kind == "image":
@@ -241,18 +226,17 @@ def decode_media(kind, source, where, num_frames, pre, limits):
                       (header.num_frames or 0, limits.max_video_frames, "frames", "--max-video-frames"),
                       (header.duration_seconds or 0, limits.max_video_seconds, "seconds", "--max-video-seconds")]
     except Exception as e:  # Pillow's and FFmpeg's many errors: the file is not a readable image / video
-        raise APIError(400, f"{where}: cannot read the {kind}: {first_line(e)}", where) from None
+        raise failed("read", e) from None
     for value, limit, what, flag in checks:
-        if value > limit:
-            raise APIError(413, f"{where}: the {kind} has {value} {what}, over the limit of {limit} ({flag})", where)
+        check(value <= limit, 413, f"{where}: the {kind} has {value} {what}, over the limit of {limit} ({flag})", where)
     try:
         return load_image(opened(), pre) if kind == "image" else load_video(source, num_frames, pre)
     except Exception as e:
-        raise APIError(400, f"{where}: cannot decode the {kind}: {first_line(e)}", where) from None
+        raise failed("decode", e) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The app
+# The app: the server translates; the engine computes
 
 class EventStream(StreamingResponse):
     """Server-sent events that cancel their request however the response ends (the client gone, above all)."""
@@ -272,143 +256,141 @@ def sse(payload):
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def make_app(engine, tokenizer, info, limits, name):
-    pool = ThreadPoolExecutor(2, thread_name_prefix="nanovlm-media")
-    pre = load_preprocess(info["vision_path"])
-    tokens_per_frame = engine.model.cfg.tokens_per_frame
-    with open(os.path.join(os.path.dirname(__file__), "ui.html")) as f:
-        page = f.read()
+class Server:
+    def __init__(self, engine, tokenizer, info, limits, name):
+        self.engine, self.tokenizer, self.info, self.limits, self.name = engine, tokenizer, info, limits, name
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="nanovlm-media")
+        self.pre = load_preprocess(info["vision_path"])
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        engine.stop()  # after uvicorn has waited for the open requests
-        pool.shutdown()
-
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):  # unknown routes and methods, in OpenAI's error shape too
-        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
-                                       "code": None}}, e.status_code)
-
-    @app.get("/")
-    async def index():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        ok = engine.thread.is_alive() and not engine.stopping
-        return JSONResponse({"status": "ok" if ok else "unavailable", "active": engine.active,
-                             "waiting": engine.waiting.qsize()}, 200 if ok else 503)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanovlm", "max_model_len": engine.max_len}]}
-
-    async def read_body(request):
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > limits.max_request_bytes:
-            raise APIError(413, f"the request has {size} bytes, over {limits.max_request_bytes} "
-                                "(--max-request-bytes)")
+    async def read_body(self, request):
+        limit, size = self.limits.max_request_bytes, request.headers.get("content-length", "")
+        check(not size.isdigit() or int(size) <= limit, 413, f"the request has {size} bytes, over {limit} "
+              "(--max-request-bytes)")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > limits.max_request_bytes:
-                raise APIError(413, f"the request is over {limits.max_request_bytes} bytes (--max-request-bytes)")
+            check(len(body) <= limit, 413, f"the request is over {limit} bytes (--max-request-bytes)")
         try:
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        check(isinstance(body, dict), 400, "the request body must be a JSON object")
         return body
 
-    async def submit(request, events):
+    async def submit(self, request, events):
         """Check, read the medium, build the prompt, queue it -> (engine Request, checked body)."""
-        body = await read_body(request)
-        if body.get("model") not in (None, name):
-            raise APIError(404, f"model {body['model']!r} not found: this server serves {name!r}", "model")
+        body, limits, engine = await self.read_body(request), self.limits, self.engine
+        check(body.get("model") in (None, self.name), 404, f"model {body.get('model')!r} not found: this server "
+              f"serves {self.name!r}", "model")
         turns, media = parse_messages(body.get("messages"))
-        if len(media) > limits.max_media:
-            raise APIError(400, f"{len(media)} images/videos in the request; this server takes at most "
-                                f"{limits.max_media} (nanovlm trains one medium per sample)", media[-1][2])
+        check(len(media) <= limits.max_media, 400, f"{len(media)} images/videos in the request; this server takes at "
+              f"most {limits.max_media} (nanovlm trains one medium per sample)", media[-1][2] if media else None)
         settings = sampling(body, limits)
         loop = asyncio.get_running_loop()
-        frames = await loop.run_in_executor(pool, load_media, *media[0][:3], info["num_frames"], pre, limits) \
-            if media else None
-        ids = prompt(turns, media, tokenizer, info, tokens_per_frame)
+        frames = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"], self.pre,
+                                            limits) if media else None
+        ids = prompt(turns, media, self.tokenizer, self.info, engine.model.cfg.tokens_per_frame)
         room = engine.max_len - len(ids)
-        if settings["max_tokens"] is None:
-            settings["max_tokens"] = min(limits.max_tokens, room)
-        if settings["max_tokens"] > room or room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens (visual tokens included) and max_tokens is "
-                                f"{settings['max_tokens']}: over the context of {engine.max_len} tokens "
-                                "(--max-model-len)", "messages")
+        settings["max_tokens"] = settings["max_tokens"] or min(limits.max_tokens, room)
+        check(0 < settings["max_tokens"] <= room, 400, f"the prompt has {len(ids)} tokens (visual tokens included) "
+              f"and max_tokens is {settings['max_tokens']}: over the context of {engine.max_len} tokens "
+              "(--max-model-len)", "messages")
         job = Request(ids, frames, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
                       **settings)
         try:
             engine.submit(job)
         except queue.Full:
-            raise APIError(429, f"the server is busy: {engine.waiting.maxsize} requests are waiting "
-                                "(--max-queue); retry later") from None
+            raise APIError(429, f"the server is busy: {engine.waiting.maxsize} requests are waiting (--max-queue); "
+                                "retry later") from None
         except Stopped:
             raise APIError(503, "the server is shutting down") from None
         return job, body
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: HTTPRequest):
+    async def chat(self, request: HTTPRequest):
         events = asyncio.Queue()
         try:
-            job, body = await submit(request, events)
+            job, body = await self.submit(request, events)
         except APIError as e:
-            return e.response()
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=name)
-        usage = lambda tokens: dict(prompt_tokens=len(job.ids), completion_tokens=tokens,
-                                    total_tokens=len(job.ids) + tokens)
+            return JSONResponse(e.body(), e.status)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=self.name)
         if body.get("stream"):
-            return EventStream(stream(job, events, head, usage, (body.get("stream_options") or {})
-                                      .get("include_usage") is True), job)
+            include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+            return EventStream(self.stream(job, events, head, include_usage), job)
         text = []
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), 1.0)
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError:  # a client that went away frees its row
                 if await request.is_disconnected():
                     job.cancelled = True
                     return JSONResponse({}, 499)
                 continue
             if event[0] == "text":
                 text.append(event[1])
-            elif event[0] == "error":
-                return APIError(500, event[1]).response()
-            else:
-                return {**head, "object": "chat.completion", "usage": usage(event[2]), "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
-                     "finish_reason": event[1]}]}
+                continue
+            if event[0] == "error":
+                return JSONResponse(APIError(500, event[1]).body(), 500)
+            message = {"role": "assistant", "content": "".join(text)}
+            return {**head, "object": "chat.completion", "usage": usage(job, event[2]),
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event[1]}]}
 
-    async def stream(job, events, head, usage, include_usage):
+    async def stream(self, job, events, head, include_usage):
         def chunk(delta, finish=None):
-            return sse({**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+            return sse({**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            event = await events.get()
-            if event[0] == "text":
-                yield chunk({"content": event[1]})
-                continue
-            if event[0] == "error":
-                yield sse(APIError(500, event[1]).body())
-            else:
-                yield chunk({}, event[1])
+            batch = [await events.get()]
+            while not events.empty():  # text the client has not taken yet goes out as one chunk
+                batch.append(events.get_nowait())
+            text = "".join(event[1] for event in batch if event[0] == "text")
+            if text:
+                yield chunk({"content": text})
+            last = batch[-1]
+            if last[0] == "error":
+                yield sse(APIError(500, last[1]).body())
+            elif last[0] == "done":
+                yield chunk({}, last[1])
                 if include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(event[2])})
-            yield "data: [DONE]\n\n"
-            return
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(job, last[2])})
+            if last[0] != "text":
+                yield "data: [DONE]\n\n"
+                return
 
+    async def health(self):
+        ok = self.engine.thread.is_alive() and not self.engine.stopping
+        return JSONResponse({"status": "ok" if ok else "unavailable", "active": self.engine.active,
+                             "waiting": self.engine.waiting.qsize()}, 200 if ok else 503)
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanovlm", "max_model_len": self.engine.max_len}]}
+
+
+def usage(job, tokens):
+    return dict(prompt_tokens=len(job.ids), completion_tokens=tokens, total_tokens=len(job.ids) + tokens)
+
+
+def make_app(server: Server):
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        server.engine.stop()  # uvicorn has waited for the open requests: this drains nothing new
+        server.pool.shutdown()
+
+    async def http_error(request, e):  # unknown routes and methods in OpenAI's error shape too
+        return JSONResponse(APIError(400, str(e.detail)).body(), e.status_code)
+
+    with open(os.path.join(os.path.dirname(__file__), "ui.html")) as f:
+        page = f.read()
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  exception_handlers={HTTPException: http_error})
+    app.get("/", response_class=HTMLResponse)(lambda: page)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.post("/v1/chat/completions")(server.chat)
     return app
 
 
@@ -457,7 +439,7 @@ def main(argv=None):
     name = served_name(args.ckpt)
     engine = Engine(model, tokenizer, args.max_batch, context_length(model.cfg.lm, args.max_model_len),
                     args.max_queue)
-    app = make_app(engine, tokenizer, info, limits, name)
+    app = make_app(Server(engine, tokenizer, info, limits, name))
     sock = socket.create_server((args.host, args.port))
     print(f"nanovlm.serve: {name} on http://{args.host}:{sock.getsockname()[1]}/ ({args.device}, "
           f"{args.max_batch} rows of {engine.max_len} tokens)", flush=True)

@@ -373,22 +373,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 def test_queue_full_then_sigterm_finishes_running_requests(demo):
     """One row, one queue place: a third request gets 429. SIGTERM then lets the running and the queued request
     finish whole, refuses new connections, and the process exits."""
-    process, url = start_server(demo, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1500")
+    process, url = start_server(demo, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "2000")
     try:
-        long = user({"type": "text", "text": QUESTION}, max_tokens=1500, ignore_eos=True)
+        long = user({"type": "text", "text": QUESTION}, max_tokens=2000, ignore_eos=True)
         running = open_stream(url, {**long, "stream_options": {"include_usage": True}})
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(post, url, {**long, "max_tokens": 5})
             wait_for(lambda: json.loads(get(url, "/health")[1])["waiting"] == 1)
             status, answer = post(url, long)
             assert status == 429 and "--max-queue" in answer["error"]["message"], answer
+            assert json.loads(get(url, "/health")[1]) == {"status": "ok", "active": 1, "waiting": 1}
             process.send_signal(signal.SIGTERM)
             rest = running[1].read().decode()
             status, answer = queued.result(60)
         assert status == 200 and answer["usage"]["completion_tokens"] == 5
         events = [line.removeprefix("data: ") for line in rest.splitlines() if line]
         assert events[-1] == "[DONE]" and json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 1500  # the whole answer, not a cut one
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 2000  # the whole answer, not a cut one
         process.wait(30)
         assert process.returncode == -signal.SIGTERM
         with pytest.raises(ConnectionRefusedError):
