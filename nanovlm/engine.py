@@ -2,12 +2,14 @@
 between decode steps (continuous batching). `nanovlm/serve.py` puts HTTP in front of it.
 
 What is notable:
-- A request is prefilled alone, in a Cache of its own, exactly as `VLM.generate` prefills one prompt; its rows are
-  then copied into a free row of the batch Cache (`Cache.insert`). No left padding, no recomputation.
+- The requests waiting when rows are free are prefilled together (right-padded, as `VLM.generate` prefills), in a
+  Cache of their own; each row is then copied into a free row of the batch Cache (`Cache.insert`). No left
+  padding, no recomputation.
 - Every step decodes one token for each busy row, over the rows up to the last busy one (`Cache.rows`); a free row
-  among them takes part as document -1, so it sees nothing and fills nothing. The attention mask keeps rows apart,
-  so a greedy answer is the same alone or batched. A new request takes the lowest free row, so few requests decode
-  few rows.
+  among them takes part as document -1, so it sees nothing and fills nothing. A new request takes the lowest free
+  row, so few requests decode few rows.
+- The attention mask keeps rows apart, so a greedy answer is the one the request gets alone: the same arithmetic,
+  though in matmuls of other shapes, whose float rounding the tests check changes no token.
 - Text streams as it is decoded: each step decodes the whole answer so far and sends what is new, holding back a
   half UTF-8 character (as `generate.Printer` does) and the beginning of a stop string.
 - A cancelled request (its client went away) leaves at the next step and frees its row.
@@ -26,7 +28,7 @@ from nanovlm.lm import Cache
 from nanovlm.model import right_padded, sample
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     ids: torch.Tensor  # the prompt, 1-D, VISUAL_TOKEN slots included
     frames: torch.Tensor | None  # (F, 3, S, S) uint8, or None for text only
@@ -91,33 +93,43 @@ class Engine:
                         self.fail(row, e)
 
     def admit(self, block):
-        """Prefill waiting requests into free rows, lowest first; wait briefly for one when nothing runs."""
-        while None in self.rows:
+        """Prefill waiting requests into the free rows, lowest first, together; wait briefly when nothing runs."""
+        batch = []
+        while len(batch) < self.rows.count(None):
             try:
-                request = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+                request = self.waiting.get(timeout=0.05) if block and not batch else self.waiting.get_nowait()
             except queue.Empty:
-                return
-            block = False
-            if request.cancelled:
-                continue
-            row = self.rows.index(None)
-            try:
-                self.prefill(request, row)
-            except Exception as e:  # a request the model cannot run fails alone
-                self.rows[row] = request
-                self.fail(row, e)
+                break
+            if not request.cancelled:
+                batch.append(request)
+        try:
+            if batch:
+                self.prefill(batch)
+        except Exception:  # again one by one, so that only a request the model cannot run fails
+            for request in batch:
+                if request.tokens:  # placed before the failure
+                    continue
+                try:
+                    self.prefill([request])
+                except Exception as e:
+                    request.emit("error", f"{type(e).__name__}: {e}")
 
-    def prefill(self, request, row):
-        if request.generator is None and request.temperature > 0:
-            request.generator = torch.Generator(self.device)
-            request.generator.manual_seed(request.seed) if request.seed is not None else request.generator.seed()
-        input_ids, position_ids, document_ids = right_padded([request.ids], self.device)
-        cache = Cache(self.model.cfg.lm, 1, input_ids.shape[1], self.device)
-        frames = None if request.frames is None else request.frames.to(self.device)
-        logits = self.model(input_ids, frames, None, position_ids, document_ids, cache)  # (1, vocab)
-        self.cache.insert(row, cache)
-        self.rows[row] = request
-        self.advance(row, logits[0])
+    def prefill(self, batch):
+        """Run the prompts (right-padded, each row its own document) and move them into free rows of the cache."""
+        for request in batch:
+            if request.generator is None and request.temperature > 0:
+                request.generator = torch.Generator(self.device)
+                request.generator.manual_seed(request.seed) if request.seed is not None else request.generator.seed()
+        input_ids, position_ids, document_ids = right_padded([r.ids for r in batch], self.device)
+        cache = Cache(self.model.cfg.lm, len(batch), input_ids.shape[1], self.device)
+        frames = [r.frames for r in batch if r.frames is not None]  # in row order, as their visual tokens are
+        frames = torch.cat(frames).to(self.device) if frames else None
+        logits = self.model(input_ids, frames, None, position_ids, document_ids, cache)  # (B, vocab): last tokens
+        rows = [row for row, r in enumerate(self.rows) if r is None]
+        for i, (row, request) in enumerate(zip(rows, batch)):
+            self.cache.insert(row, cache, i)
+            self.rows[row] = request
+            self.advance(row, logits[i])
 
     def step(self):
         """One token for every busy row."""
@@ -130,13 +142,16 @@ class Engine:
         self.cache.lengths[:n] = view.lengths
         for row in range(n):
             if busy[row]:
-                try:
-                    self.advance(row, logits[row])
-                except Exception as e:  # e.g. a sampling setting that overflows: that request ends
-                    self.fail(row, e)
+                self.advance(row, logits[row])
 
     def advance(self, row, logits):
         """Take the next token of the request in `row` from its logits (vocab,); send the new text; finish it."""
+        try:
+            self.next_token(row, logits)
+        except Exception as e:  # e.g. a sampling setting that overflows: that request ends
+            self.fail(row, e)
+
+    def next_token(self, row, logits):
         request = self.rows[row]
         token = int(sample(logits[None].float(), request.temperature, request.top_p, request.generator)[0])
         request.tokens.append(token)

@@ -315,18 +315,19 @@ class Cache:
         self.lengths = self.lengths + (docs >= 0).sum(1)  # a new tensor: callers may hold the old (positions)
         return AttnMeta(mask=allowed[:, None], slots=slots, end=end)
 
-    # Continuous batching (nanovlm/engine.py): a request is prefilled in a Cache of its own, then moved into a row of
-    # the running batch's Cache, which decodes only its rows up to the last busy one.
+    # Continuous batching (nanovlm/engine.py): new requests are prefilled in a Cache of their own, then moved into rows
+    # of the running batch's Cache, which decodes only its rows up to the last busy one.
 
-    def insert(self, row, other):
-        """Put row 0 of `other` (a prompt prefilled alone) into row `row`, forgetting what that row held."""
-        n = int(other.lengths[0])
+    def insert(self, row, other, other_row=0):
+        """Put row `other_row` of `other` (prefilled prompts) into row `row`, forgetting what that row held."""
+        n = int(other.lengths[other_row])
         for mine, theirs in zip(self.layers, other.layers):
             if mine.k is None:
                 mine.k, mine.v = theirs.k.new_zeros(mine.shape), theirs.v.new_zeros(mine.shape)
-            mine.k[row, :n], mine.v[row, :n] = theirs.k[0, :n], theirs.v[0, :n]
+            mine.k[row, :n], mine.v[row, :n] = theirs.k[other_row, :n], theirs.v[other_row, :n]
         self.document_ids[row], self.positions[row] = -1, 0
-        self.document_ids[row, :n], self.positions[row, :n] = other.document_ids[0, :n], other.positions[0, :n]
+        self.document_ids[row, :n] = other.document_ids[other_row, :n]
+        self.positions[row, :n] = other.positions[other_row, :n]
         self.lengths[row] = n
 
     def release(self, row):

@@ -55,7 +55,6 @@ class Limits:
     max_video_seconds: float = 600.0  # a video's duration (413)
     max_pixels: int = 3840 * 2160  # width x height of a video frame or an image (413)
     max_tokens: int = 512  # cap on max_tokens / max_completion_tokens (400); the default when a request has none
-    max_media: int = 1  # images + videos per request (400): nanovlm trains one per sample
     media_timeout: float = 10.0  # seconds to fetch an http(s) medium
     allowed_media_dir: tuple = ()  # local paths and file:// URLs must lie under one of these (else 400)
 
@@ -283,8 +282,8 @@ class Server:
         check(body.get("model") in (None, self.name), 404, f"model {body.get('model')!r} not found: this server "
               f"serves {self.name!r}", "model")
         turns, media = parse_messages(body.get("messages"))
-        check(len(media) <= limits.max_media, 400, f"{len(media)} images/videos in the request; this server takes at "
-              f"most {limits.max_media} (nanovlm trains one medium per sample)", media[-1][2] if media else None)
+        check(len(media) <= 1, 400, f"{len(media)} images/videos in the request; this server takes one at most "
+              "(nanovlm trains one medium per sample)", media[-1][2] if media else None)
         settings = sampling(body, limits)
         loop = asyncio.get_running_loop()
         frames = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"], self.pre,
@@ -318,13 +317,7 @@ class Server:
             return EventStream(self.stream(job, events, head, include_usage), job)
         text = []
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), 1.0)
-            except asyncio.TimeoutError:  # a client that went away frees its row
-                if await request.is_disconnected():
-                    job.cancelled = True
-                    return JSONResponse({}, 499)
-                continue
+            event = await events.get()
             if event[0] == "text":
                 text.append(event[1])
                 continue

@@ -5,7 +5,6 @@ loop is bounded and every process is ended. CPU, fp32, no network."""
 
 import base64
 import http.client
-import io
 import json
 import os
 import select
@@ -16,6 +15,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import openai
@@ -24,10 +25,10 @@ import torch
 import transformers as tf
 from PIL import Image
 from safetensors.torch import save_file
-from torchcodec.encoders import VideoEncoder
 
 import prepare
 from nanovlm import generate
+from nanovlm.data import encode, expand_visual
 from nanovlm.engine import Engine, Request, held_back
 from nanovlm.generate import load_final, prompt_ids
 from nanovlm.media import load_image, load_preprocess, load_video
@@ -177,6 +178,15 @@ def test_openai_client_answers_equal_generate(demo, server, reference, capsys):
             assert usage.total_tokens == prompt_tokens + usage.completion_tokens
     text, _, _ = ask(server, parts(QUESTION, "video", f"file://{clip}"), max_tokens=12)  # an allowed local file
     assert text == printed[str(clip)]
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(demo / "media")))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:  # an http URL, here on the loopback
+        text, _, _ = ask(server, parts(QUESTION, "image", f"http://127.0.0.1:{files.server_port}/photo.png"),
+                         max_tokens=12)
+    finally:
+        files.shutdown()
+        files.server_close()
+    assert text == printed[str(photo)]
     assert client(server).models.list().data[0].id == "run"
     text, _, _ = ask(server, QUESTION, max_tokens=12)  # content as a plain string, no medium
     assert text == expected(reference, None, None)
@@ -293,7 +303,8 @@ def test_hostile_requests_get_their_status_and_the_server_goes_on(demo, server, 
         (user(text, {"type": "audio_url", "audio_url": {"url": clip}}), 400, "'audio_url' is not accepted",
          "messages[0].content[1]"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [video(clip)]},
-                       {"role": "user", "content": "b"}]}, 400, "assistant message takes text", "messages[1].content[0]"),
+                       {"role": "user", "content": "b"}]}, 400, "assistant message takes text",
+         "messages[1].content[0]"),
         (user(text, {"type": "video_url", "video_url": "clip.webm"}), 400, "must be {'url': str}",
          "messages[0].content[1].video_url"),
         (user(text, video("data:video/webm;base64,AAAA!!!=")), 400, "bad base64", "messages[0].content[1].video_url"),
@@ -321,7 +332,8 @@ def test_hostile_requests_get_their_status_and_the_server_goes_on(demo, server, 
         (user(text, n=2), 400, "'n' must be 1", "n"),
         (user(text, stream="yes"), 400, "'stream' must be true or false", "stream"),
         (user(text, model="gpt-4o"), 404, "model 'gpt-4o' not found: this server serves 'run'", "model"),
-        (user(text, video(clip), video(clip)), 400, "2 images/videos in the request", "messages[0].content[2].video_url"),
+        (user(text, video(clip), video(clip)), 400, "2 images/videos in the request",
+         "messages[0].content[2].video_url"),
         (user({"type": "text", "text": "look: <video>"}, video(clip)), 400, "must not contain <video>",
          "messages[0].content"),
         (user({"type": "text", "text": "word " * 2100}), 400, "over the context of 2048 tokens", "messages"),
@@ -373,9 +385,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 def test_queue_full_then_sigterm_finishes_running_requests(demo):
     """One row, one queue place: a third request gets 429. SIGTERM then lets the running and the queued request
     finish whole, refuses new connections, and the process exits."""
-    process, url = start_server(demo, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "2000")
+    process, url = start_server(demo, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "1900")
     try:
-        long = user({"type": "text", "text": QUESTION}, max_tokens=2000, ignore_eos=True)
+        long = user({"type": "text", "text": QUESTION}, max_tokens=1900, ignore_eos=True)
         running = open_stream(url, {**long, "stream_options": {"include_usage": True}})
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(post, url, {**long, "max_tokens": 5})
@@ -389,7 +401,7 @@ def test_queue_full_then_sigterm_finishes_running_requests(demo):
         assert status == 200 and answer["usage"]["completion_tokens"] == 5
         events = [line.removeprefix("data: ") for line in rest.splitlines() if line]
         assert events[-1] == "[DONE]" and json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 2000  # the whole answer, not a cut one
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 1900  # the whole answer, not a cut one
         process.wait(30)
         assert process.returncode == -signal.SIGTERM
         with pytest.raises(ConnectionRefusedError):
@@ -436,9 +448,9 @@ def test_prompts_are_built_as_training_builds_them(reference):
                 {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}, {"role": "user",
                                                                                          "content": QUESTION}]
     ids = prompt(*parse_messages(messages), tokenizer, info, tokens_per_frame)
-    from nanovlm.data import encode, expand_visual
     conversation = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi.\n<video>"},
-                    {"from": "gpt", "value": "Hello."}, {"from": "human", "value": QUESTION}, {"from": "gpt", "value": ""}]
+                    {"from": "gpt", "value": "Hello."}, {"from": "human", "value": QUESTION},
+                    {"from": "gpt", "value": ""}]
     reference_ids = expand_visual(torch.tensor(encode(conversation, tokenizer, "vicuna_v1", True)[0]),
                                   NUM_FRAMES * tokens_per_frame)[0]
     assert torch.equal(ids, reference_ids)
