@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import copy
 import io
 import json
 import os
@@ -285,15 +286,15 @@ class Server:
         check(len(media) <= 1, 400, f"{len(media)} images/videos in the request; this server takes one at most "
               "(nanovlm trains one medium per sample)", media[-1][2] if media else None)
         settings = sampling(body, limits)
-        loop = asyncio.get_running_loop()
-        frames = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"], self.pre,
-                                            limits) if media else None
         ids = prompt(turns, media, self.tokenizer, self.info, engine.model.cfg.tokens_per_frame)
         room = engine.max_len - len(ids)
         settings["max_tokens"] = settings["max_tokens"] or min(limits.max_tokens, room)
         check(0 < settings["max_tokens"] <= room, 400, f"the prompt has {len(ids)} tokens (visual tokens included) "
               f"and max_tokens is {settings['max_tokens']}: over the context of {engine.max_len} tokens "
               "(--max-model-len)", "messages")
+        loop = asyncio.get_running_loop()
+        frames = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"], self.pre,
+                                            limits) if media else None
         job = Request(ids, frames, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
                       **settings)
         try:
@@ -430,7 +431,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = served_name(args.ckpt)
-    engine = Engine(model, tokenizer, args.max_batch, context_length(model.cfg.lm, args.max_model_len),
+    # the engine decodes on its thread while handlers encode on theirs: a tokenizer each (Rust objects are not shared)
+    engine = Engine(model, copy.deepcopy(tokenizer), args.max_batch, context_length(model.cfg.lm, args.max_model_len),
                     args.max_queue)
     app = make_app(Server(engine, tokenizer, info, limits, name))
     sock = socket.create_server((args.host, args.port))
