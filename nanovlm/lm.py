@@ -335,8 +335,9 @@ class Cache:
         self.document_ids[row], self.lengths[row] = -1, 0
 
     def rows(self, n):
-        """A Cache over rows [0, n) that shares this one's keys, values and slot tables. A forward gives it lengths
-        of its own (advance makes a new tensor): copy them back with `self.lengths[:n] = view.lengths`."""
+        """A Cache over rows [0, n) that shares this one's keys, values and slot tables (once an insert has
+        allocated them). A forward gives it lengths of its own (advance makes a new tensor): copy them back with
+        `self.lengths[:n] = view.lengths`."""
         view = object.__new__(Cache)
         view.layers = []
         for layer in self.layers:
