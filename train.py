@@ -14,23 +14,28 @@ validation sample at all): the towers always run, on a blank frame if need be.
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 # -----------------------------------------------------------------------------------------------------------------
 # I/O
 out_dir = "out"  # checkpoints, log.jsonl, TensorBoard events, the final model
-init_from = "hf"  # "hf": towers from vision_path/lm_path; "resume": latest checkpoint in out_dir; or a path to
-#                   a previous run's out_dir/final (towers from the paths below, then the weights that run trained)
+init_from = "hf"  # where this stage starts: "hf", the towers from vision_path/lm_path; or a previous run's
+#                   out_dir/final (the towers, then every tensor that run holds: what it trained and inherited)
+resume = False  # continue this run from the newest complete checkpoint in out_dir/ckpt, on any number of ranks
+#                 (init_from is loaded first: the checkpoint holds only what this stage trains)
 vision_path = "data/synthetic/vision"  # HF directory (or hub id) of a CLIP/SigLIP vision tower
 lm_path = "data/synthetic/lm"  # HF directory (or hub id) of a causal LM and its tokenizer
-eval_only = False  # evaluate (init_from) and exit
+eval_only = False  # evaluate (init_from, or with resume the newest checkpoint) and exit
 # model
 projector = "mlp2x_gelu"  # "mlp2x_gelu" | "linear"
 pool_stride = 1  # average-pool each frame's patch grid by this factor before the projector
@@ -83,9 +88,11 @@ eval_strips = 4  # validation clips shown in TensorBoard at each evaluation: fra
 log_interval = 10
 ckpt_interval = 100
 keep_last = 2
+preempt_signal = "SIGTERM"  # on it, every rank stops after the current step, checkpoints and exits 0 (Slurm sends
+#                             SIGTERM before SIGKILL; "SIGUSR1" for sbatch --signal=USR1@120)
 # -----------------------------------------------------------------------------------------------------------------
 
-from nanovlm import checkpoint, data, scoring  # noqa: E402  (after the defaults, which are the docs)
+from nanovlm import checkpoint, data, lifecycle, llava, scoring  # noqa: E402  (after the defaults, which are the docs)
 from nanovlm.config import Config, ConfigError, configure, defaults  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
 from nanovlm.model import IGNORE, vlm_config  # noqa: E402
@@ -104,6 +111,7 @@ def settings(argv) -> Config:
     exit code 2 and one line on stderr, before anything is loaded or written."""
     try:
         c = configure(DEFAULTS, argv)
+        start_from_llava(c)
         check_config(c, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -135,8 +143,14 @@ def check_config(c: Config, world_size):
                           f"{c.batch_size} x {world_size}")
     if not (c.train_vision or c.train_projector or c.train_lm):
         raise ConfigError("nothing to train: set one of train_vision, train_projector, train_lm")
-    if c.init_from not in ("hf", "resume") and not os.path.isfile(os.path.join(c.init_from, "trained.safetensors")):
-        raise ConfigError(f"init_from={c.init_from!r}: expected 'hf', 'resume' or a run's final/ directory")
+    if c.init_from == "resume":
+        raise ConfigError("init_from='resume' is now resume=True: init_from says where a stage starts (its towers "
+                          "and a previous stage's final/), resume continues this run; pass --resume=True")
+    if c.init_from != "hf" and not os.path.isfile(os.path.join(c.init_from, "trained.safetensors")) and \
+            llava.read_llava(c.init_from) is None:
+        raise ConfigError(f"init_from={c.init_from!r}: expected 'hf', a run's final/ directory or a LLaVA checkpoint")
+    if c.preempt_signal not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+        raise ConfigError(f"preempt_signal={c.preempt_signal!r} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
     existing = os.path.abspath(c.out_dir)  # the directory that makedirs(out_dir) would write into
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -163,6 +177,21 @@ def check_config(c: Config, world_size):
         raise ConfigError(f"num_frames={c.num_frames} x {cfg.tokens_per_frame} tokens per frame = {num_visual} "
                           f"visual tokens leave {c.max_tokens - num_visual} of max_tokens={c.max_tokens} for text "
                           f"(at least {min_text} needed); raise max_tokens or pool_stride, or lower num_frames")
+
+
+def start_from_llava(c: Config):
+    """init_from a published LLaVA checkpoint (nanovlm/llava.py): a llava-hf directory, an original LLaVA one, or
+    a stage-1 mm_projector.bin. The settings it fixes must agree with the run's; its towers become the run's."""
+    if c.init_from in ("hf", "resume"):
+        return
+    try:
+        info = llava.read_llava(c.init_from)
+        if info is not None:
+            llava.check_settings(info, projector=c.projector, pool_stride=c.pool_stride,
+                                 vision_select_layer=c.vision_select_layer, vision_path=c.vision_path)
+            c.vision_path, c.lm_path = llava.tower_paths(info, c.vision_path, c.lm_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_tower_path(key, path):
@@ -324,15 +353,25 @@ def train_step(model, optimizer, micro, c: Config, device, autocast, flops):
     return loss_value, grad_norm.item(), step_flops, tokens
 
 
-def write_final(model, c: Config, tokenizer):
-    """out_dir/final: the trained weights, where the towers came from, the tokenizer."""
+def write_final(model, c: Config, tokenizer, inherited=None):
+    """out_dir/final: every tensor that differs from the base towers (trained here, or inherited from init_from's
+    final/ and not retrained), where each part came from, the tokenizer."""
     final = os.path.join(c.out_dir, "final")
-    checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"))
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if inherited is None:
+        kept = []
+    elif inherited.endswith("trained.safetensors"):
+        kept = sorted(set(safe_open(inherited, "pt").keys()) - set(trained))
+    else:  # a LLaVA checkpoint: its projector (its towers are this run's tower paths)
+        kept = sorted({name for name, _ in model.named_parameters() if name.startswith("projector.")} - set(trained))
+    checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"), trained + kept)
     if dist.get_rank() == 0:
         with open(os.path.join(final, "nanovlm.json"), "w") as f:
             json.dump({"vision_path": c.vision_path, "lm_path": c.lm_path, "projector": c.projector,
                        "pool_stride": c.pool_stride, "vision_select_layer": c.vision_select_layer,
-                       "template": c.template, "num_frames": c.num_frames}, f, indent=1)
+                       "template": c.template, "num_frames": c.num_frames, "init_from": c.init_from,
+                       "trained_here": sorted({name.split(".")[0] for name in trained}),
+                       "inherited": sorted({name.split(".")[0] for name in kept})}, f, indent=1)
         tokenizer.save_pretrained(final)
     return final
 
@@ -370,7 +409,7 @@ class Logger:
             self.writer.close()
 
 
-def run(c: Config, device):
+def run(c: Config, device, preemption=None):
     """Everything after the process group: model, data, the loop, the final weights."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dt = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
@@ -378,30 +417,22 @@ def run(c: Config, device):
     autocast = torch.autocast(device.type, dtype=dt) if dt != torch.float32 else nullcontext()
     c.vision_path, c.lm_path = resolve(c.vision_path), resolve(c.lm_path)
     if rank == 0:
-        os.makedirs(c.out_dir, exist_ok=True)
         with open(os.path.join(c.out_dir, "config.json"), "w") as f:
             json.dump(vars(c), f, indent=1)
         print0(json.dumps(vars(c), indent=1))
     cfg = vlm_config(c.vision_path, c.lm_path, c.projector, c.pool_stride, c.vision_select_layer)
-    trained = None if c.init_from in ("hf", "resume") else os.path.join(c.init_from, "trained.safetensors")
-    model = build_sharded(cfg, device, c.vision_path, c.lm_path, c.seed, trained, param_dtype=dt,
+    inherited = None if c.init_from == "hf" else c.init_from if llava.read_llava(c.init_from) else \
+        os.path.join(c.init_from, "trained.safetensors")  # a LLaVA checkpoint, or a run's trained tensors
+    model = build_sharded(cfg, device, c.vision_path, c.lm_path, c.seed, inherited, param_dtype=dt,
                           trainable={"vision": c.train_vision, "projector": c.train_projector, "lm": c.train_lm},
                           activation_checkpointing=c.activation_checkpointing, compile=c.compile)
-    optimizer = make_optimizer(model, c)
+    optimizer = None if c.eval_only else make_optimizer(model, c)
     tokenizer = data.load_tokenizer(c.lm_path)
     common = dict(tokenizer=tokenizer, media_root=c.media_root, vision_path=c.vision_path, template=c.template,
                   num_frames=c.num_frames, tokens_per_frame=cfg.tokens_per_frame, max_tokens=c.max_tokens,
                   seed=c.seed, max_bad_fraction=c.max_bad_fraction)
     val_set = data.VLMDataset(c.val_data, train=False, **common)
-    step, position = 0, (0, 0)
-    if c.init_from == "resume":
-        path = checkpoint.latest(os.path.join(c.out_dir, "ckpt"))
-        if path is None:
-            print0(f"init_from='resume' but no complete checkpoint in {c.out_dir}/ckpt: starting from scratch")
-        else:
-            extra = checkpoint.load(path, model, optimizer)
-            step, position = extra["step"], tuple(extra["data_position"])
-            print0(f"resumed from {path} at step {step}")
+    step, position = resume(model, optimizer, c) if c.resume else (0, (0, 0))
     if c.eval_only:
         metrics = evaluate(model, val_set, tokenizer, device, autocast, c)
         print0(json.dumps(metrics))
@@ -411,13 +442,39 @@ def run(c: Config, device):
         return
     train_set = data.VLMDataset(c.train_data, train=True, **common)
     batches = data.TrainBatches(train_set, c.batch_size, rank, world_size, c.max_tokens, c.max_frames_per_row,
-                                c.packing, c.seed, c.num_workers, start=position, pin_memory=device.type == "cuda")
-    skipped = train_loop(model, optimizer, batches, val_set, tokenizer, c, device, autocast, dt, step)
-    final = write_final(model, c, tokenizer)
-    print0(f"done: {c.max_steps} steps; {skipped} unreadable samples skipped; trained weights in {final}")
+                                c.packing, c.seed, c.num_workers, start=position, pin_memory=device.type == "cuda",
+                                rows_per_step=c.global_batch_size)
+    skipped = train_loop(model, optimizer, batches, val_set, tokenizer, c, device, autocast, dt, step, preemption)
+    if skipped is None:
+        return  # preempted: checkpointed, no final weights yet
+    final = write_final(model, c, tokenizer, inherited)
+    print0(f"done: {c.max_steps} steps; {skipped} unreadable samples skipped; weights in {final}")
 
 
-def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device, autocast, dt, step):
+def resume(model, optimizer, c: Config):
+    """Load the newest complete checkpoint of this run (saved by any number of ranks) -> (step, data position)."""
+    path = checkpoint.latest(os.path.join(c.out_dir, "ckpt"))
+    if path is None:
+        print0(f"resume=True but no complete checkpoint in {c.out_dir}/ckpt: starting from init_from={c.init_from!r}")
+        return 0, (0, 0)
+    extra, exact = checkpoint.load(path, model, optimizer)
+    step = extra["step"]
+    print0(f"resumed from {path} at step {step}")
+    if not exact:
+        rank = dist.get_rank()
+        torch.manual_seed(c.seed + 1_000_003 * step + rank)
+        random.seed(c.seed + 1_000_003 * step + rank)
+        np.random.seed((c.seed + 1_000_003 * step + rank) % 2 ** 32)
+        print0(f"note: {path} was saved by another number of ranks: weights, optimizer and data position are "
+               f"resharded exactly, RNG states re-derived from (seed, step, rank); the continuation is bit-exact "
+               f"only on the number of ranks that saved it")
+    return step, tuple(extra["data_position"])
+
+
+def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device, autocast, dt, step,
+               preemption=None):
+    """Steps from `step` to max_steps -> the number of unreadable samples skipped, or None if preempted (then a
+    checkpoint of the last step is written)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     grad_accum = c.global_batch_size // (c.batch_size * world_size)
     monitor = data.BadSampleMonitor(c.max_bad_fraction)
@@ -445,7 +502,7 @@ def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device,
             if bad_steps >= c.max_bad_steps:
                 print0(f"\nstopping at step {step + 1}: {bad_steps} non-finite steps in a row; the last complete "
                        f"checkpoint is in {c.out_dir}/ckpt; lower the learning rate or check the data", file=sys.stderr)
-                dist.destroy_process_group()
+                lifecycle.end_distributed()
                 sys.exit(1)
         step += 1
         seconds = time.perf_counter() - t0
@@ -464,18 +521,35 @@ def train_loop(model, optimizer, batches, val_set, tokenizer, c: Config, device,
                     f", top-1 {metrics['val_top1']:.3f} (frames shuffled: {metrics['val_top1_shuffled']:.3f})"
                     if c.eval_label_set else ""))
             logger.log(metrics)
-        if step % c.ckpt_interval == 0 or step == c.max_steps:
-            checkpoint.save(os.path.join(c.out_dir, "ckpt"), step, model, optimizer,
-                            {"step": step, "data_position": batches.position}, keep_last=c.keep_last)
+        [preempted] = all_reduce([preemption is not None and preemption.requested], device)  # all stop together
+        if step % c.ckpt_interval == 0 or step == c.max_steps or preempted:
+            path = checkpoint.save(os.path.join(c.out_dir, "ckpt"), step, model, optimizer,
+                                   {"step": step, "data_position": batches.position}, keep_last=c.keep_last)
+        if preempted and step < c.max_steps:
+            logger.close()
+            print0(f"\n{c.preempt_signal}: stopped after step {step}, checkpoint {path}; to continue, run the same "
+                   f"command with --resume=True (on any number of ranks)")
+            return None
     logger.close()
     return monitor.num_bad
 
 
 def main(argv=None):
     c = settings(sys.argv[1:] if argv is None else argv)
+    lock = None  # global rank 0 holds out_dir's lock until this process ends, however it ends
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            lock = lifecycle.lock_out_dir(c.out_dir)
+        except lifecycle.RunInUse as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    lifecycle.exit_with_launcher()
     device = setup_distributed(c.device)
-    run(c, device)
-    dist.destroy_process_group()
+    # after the process group: a rank still waiting for its peers (one of which failed) dies of torchrun's SIGTERM
+    preemption = lifecycle.Preemption(c.preempt_signal)
+    run(c, device, preemption)
+    lifecycle.end_distributed()
+    del lock
 
 
 if __name__ == "__main__":

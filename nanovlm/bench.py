@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from multiprocessing.connection import wait
 
 import torch
 import transformers as tf
@@ -27,6 +28,7 @@ import transformers as tf
 from nanovlm import data
 from nanovlm.metrics import FlopCounter, peak_flops
 from nanovlm.model import IGNORE, VISUAL_TOKEN, VLM, from_pretrained, vlm_config
+from nanovlm.lifecycle import end_distributed
 from nanovlm.parallel import build_sharded, setup_distributed
 
 SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 visual tokens per frame)
@@ -35,13 +37,13 @@ SIZES = {  # a SmolLM2-135M-sized LM and a small CLIP (64 px, 8 px patches: 64 v
                          rms_norm_eps=1e-5, max_position_embeddings=8192),
                  vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                              image_size=64, patch_size=8),
-                 frames=8, rows=2, max_tokens=1024, memory_frames=(8, 16, 32),
+                 frames=8, rows=2, max_tokens=1024, memory_frames=(8, 16, 32), clips=32,
                  video=((2, 12), (8, 32), (8, 64))),  # (frames, prompt tokens, answer tokens) ranges
     "quick": dict(lm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
                   vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8),
-                  frames=2, rows=2, max_tokens=128, memory_frames=(2, 4), video=((1, 3), (2, 8), (2, 8))),
+                  frames=2, rows=2, max_tokens=128, memory_frames=(2, 4), video=((1, 3), (2, 8), (2, 8)), clips=8),
 }
 
 
@@ -217,7 +219,7 @@ def rank_worker(rank, world_size, port, paths, size, repeats, threads, results):
     held = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values() if t.ndim)]
     held = [t.to_local() if isinstance(t, DTensor) else t for t in held]  # this rank's shard
     results.put((rank, seconds, sum(t.numel() * t.element_size() for t in held)))
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 def ranks(paths, size, repeats, world_size):
@@ -235,37 +237,59 @@ def ranks(paths, size, repeats, world_size):
             "tokens_per_s": tokens / measured[0][1], "param_optimizer_bytes_per_rank": max(m[2] for m in measured)}
 
 
-def data_pipeline(root, frames, workers, epochs):
-    """Loader clips/s against raw torchcodec decoding of the same frames (`python -m nanovlm.data --bench`), on a
-    small synthetic SSv2-style set rendered by prepare.py."""
-    import prepare
-    prepare.make_synthetic(root, num_train=48, num_val=8, seed=0, pretrain_steps=0)
-    dataset = data.VLMDataset(os.path.join(root, "something-something-v2_train.json"),
-                              os.path.join(root, "20bn-something-something-v2"), data.load_tokenizer(f"{root}/lm"),
+def write_clips(root, count, seed=0):
+    """SSv2-sized clips (427x240 VP9 .webm, 12 fps, 2-4 s: a drifting gradient and a moving square), a LLaVA JSON
+    listing them, a word-level tokenizer and a 224 px CLIP config: what VLMDataset needs, made here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from torchcodec.encoders import VideoEncoder
+    os.makedirs(f"{root}/clips", exist_ok=True)
+    g, records = torch.Generator().manual_seed(seed), []
+    y, x = torch.arange(240)[:, None], torch.arange(427)[None]
+    for i in range(count):
+        T = int(torch.randint(24, 49, (), generator=g))
+        frames = torch.empty(T, 3, 240, 427, dtype=torch.uint8)
+        for t in range(T):
+            frames[t, 0], frames[t, 1], frames[t, 2] = (x + 3 * t + i) % 256, (2 * y + t) % 256, 128
+            frames[t, :, 100:140, 8 * t % 380:8 * t % 380 + 40] = 255
+        VideoEncoder(frames, frame_rate=12).to_file(f"{root}/clips/{i}.webm", codec="libvpx-vp9", crf=40)
+        records.append({"id": str(i), "video": f"{i}.webm", "conversations": [
+            {"from": "human", "value": "<video>\ndescribe"}, {"from": "gpt", "value": "moving square"}]})
+    with open(f"{root}/clips.json", "w") as f:
+        json.dump(records, f)
+    words = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "describe", "moving", "square"])}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                               unk_token="<unk>").save_pretrained(f"{root}/tokenizer")
+    tf.CLIPVisionConfig(image_size=224, patch_size=14).save_pretrained(f"{root}/vision")
+
+
+def data_pipeline(root, frames, workers, epochs, count=32):
+    """Loader clips/s against raw torchcodec decoding of the same frames (`python -m nanovlm.data --bench`): uint8
+    frames resized to 224 px from SSv2-sized clips."""
+    write_clips(root, count)
+    dataset = data.VLMDataset(f"{root}/clips.json", f"{root}/clips", data.load_tokenizer(f"{root}/tokenizer"),
                               f"{root}/vision", "plain", frames, tokens_per_frame=1, max_tokens=1 << 20)
     full, raw = data.loader_speed(dataset, 4, workers, epochs)
-    return {"clips": len(dataset), "frames": frames, "workers": workers, "full_clips_per_s": full,
-            "raw_clips_per_s": raw, "full_over_raw": full / raw}
+    return {"clips": len(dataset), "frames": frames, "size": dataset.preprocess.size, "workers": workers,
+            "full_clips_per_s": full, "raw_clips_per_s": raw, "full_over_raw": full / raw}
 
-
-# ----------------------------------------------------------------------------------------------------------------
 
 MODELS = ("nanovlm", "nanovlm compiled", "transformers")  # compiled: each block, as train.py does by default
 
 
 def contender(name, paths, size, threads, device, conn):
-    """One model in a process of its own, as a training run has it, taking a step (or its loss) when asked.
-    Each keeps the memory it frees (glibc: no mmap'd chunks, no trimming), so that no step pays for faulting in
-    fresh pages: on a VM that hands freed pages back to the host that cost is large and depends on what else the
-    machine holds (transformers' bf16 step: 4.2 s, 6.0 s with an idle 8 GB process beside it; its log-softmax,
-    on fresh 400 MB buffers, 6x slower)."""
+    """One model in a process of its own, as a training run has it, answering the parent's requests: the loss of
+    a batch, or the step times of `repeats` timed steps after a warm-up. Each keeps the memory it frees (glibc: no
+    mmap'd chunks, no trimming), so that no step pays for faulting in fresh pages: on a VM that hands freed pages
+    back to the host that cost is large and depends on what else the machine holds (transformers' bf16 step:
+    4.2 s, 6.0 s with an idle 8 GB process beside it)."""
     if device.type == "cpu":
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD
     torch.set_num_threads(threads)
-    torch.manual_seed(0)  # the projector's init: the same in every process
     model = from_pretrained(*paths, device=device)
     if name == "transformers":
         model = make_llava(model, size, *paths).to(device)
@@ -280,16 +304,15 @@ def contender(name, paths, size, threads, device, conn):
         batches[kind] = {k: v.to(device) for k, v in batch.items()}
     conn.send("ready")
     while (request := conn.recv()) is not None:
-        what, kind, dtype = request
+        what, kind, dtype, repeats = request
         if what == "loss":
             with torch.no_grad():
                 conn.send(loss_of(model, batches[kind]).item())
             continue
         dtype = getattr(torch, dtype)
-        train_step(model, optimizer, batches[kind],
-                   torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-        sync(device)
-        conn.send("done")
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        conn.send(median_seconds({name: lambda: train_step(model, optimizer, batches[kind], autocast)}, repeats,
+                                 device)[name])
 
 
 def make_batches(cfg, size, kinds=("fixed", "video")):
@@ -298,59 +321,76 @@ def make_batches(cfg, size, kinds=("fixed", "video")):
                                cfg.lm.vocab_size) for kind in kinds}
 
 
-def throughput(paths, size, dtypes, repeats, device):
-    """Every model (a process each) on both batch kinds in each dtype: step time, tokens/s (padding excluded),
-    MFU; steps alternated model by model. "transformers" takes the padded batch, the others the packed one."""
+def answer(name, conn, proc):
+    """A contender's next message, or, if it dies first, the end of the benchmark at once with one line naming it
+    (a dead child's pipe would otherwise be waited on forever)."""
+    if conn in wait([conn, proc.sentinel]):
+        try:
+            return conn.recv()
+        except EOFError:
+            pass
+    proc.join()
+    why = " (SIGKILL: out of memory?)" if proc.exitcode == -9 else ""
+    raise SystemExit(f"bench: the {name!r} contender died with exit code {proc.exitcode}{why}; see its stderr")
+
+
+def run_contender(name, paths, size, requests, device):
+    """One contender's process, alone on the machine: its answers to the requests, in order."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
-    conns, procs = {}, []
-    for name in MODELS:
-        conns[name], child = ctx.Pipe()
-        procs.append(ctx.Process(target=contender, args=(name, paths, size, torch.get_num_threads(), device, child)))
-        procs[-1].start()
-
-    def ask(name, request):
-        conns[name].send(request)
-        return conns[name].recv()
-
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=contender, args=(name, paths, size, torch.get_num_threads(), device, child))
+    proc.start()
     try:
-        for name in MODELS:
-            assert conns[name].recv() == "ready"
-        cfg = vlm_config(*paths)
-        with torch.device("meta"):
-            flops = FlopCounter(VLM(cfg), True, True, True)
-        rows, losses = [], {}
-        for kind, samples in make_batches(cfg, size).items():
-            # the same model: the same loss, before anything is timed
-            losses[kind] = {name: ask(name, ("loss", kind, None)) for name in MODELS}
-            if max(losses[kind].values()) - min(losses[kind].values()) > 1e-4:
-                raise SystemExit(f"bench: {kind} batch loss differs: {losses[kind]}; the models are not the same")
-            ours = packed_batch(samples, size["max_tokens"])
-            supervised = int((ours["targets"] != IGNORE).sum())
-            tokens = int((ours["document_ids"] >= 0).sum())
-            step_flops = flops(ours["document_ids"], supervised, len(ours["frames"]))
-            shapes = {name: list(ours["input_ids"].shape) for name in MODELS}
-            shapes["transformers"] = [len(samples), max(len(s["input_ids"]) for s in samples)]
-            for dtype in dtypes:
-                peak, peak_source = peak_flops(device, dtype)
-                dt = str(dtype).removeprefix("torch.")
-                seconds = median_seconds({name: lambda name=name: ask(name, ("step", kind, dt)) for name in MODELS},
-                                         repeats, device)
-                for name, s in seconds.items():
-                    rows.append({"batch": kind, "dtype": dt, "model": name, "samples": len(samples),
-                                 "shape": shapes[name], "step_s": s, "tokens_per_s": tokens / s,
-                                 "supervised_tokens_per_s": supervised / s, "samples_per_s": len(samples) / s,
-                                 "mfu": step_flops / s / peak, "peak_flops": peak, "peak_source": peak_source})
-                    print(f"{kind} {dtype} {name}: {s:.2f} s/step, MFU {rows[-1]['mfu']:.1%}", flush=True)
-        return rows, losses
+        assert answer(name, conn, proc) == "ready"
+        answers = []
+        for request in requests:
+            conn.send(request)
+            answers.append(answer(name, conn, proc))
+        conn.send(None)
+        return answers
     finally:
-        for conn in conns.values():
-            try:
-                conn.send(None)
-            except OSError:  # that process has died: its error is on stderr
-                pass
-        for p in procs:
-            p.join()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+
+
+def throughput(paths, size, dtypes, repeats, device):
+    """Every model, one process at a time (so at most one holds memory), on both batch kinds in each dtype: step
+    time, tokens/s (padding excluded), MFU. "transformers" takes the padded batch, the others the packed one.
+    Before anything is timed, the losses of the three on the same batches must agree."""
+    cfg = vlm_config(*paths)
+    with torch.device("meta"):
+        flops = FlopCounter(VLM(cfg), True, True, True)
+    kinds = make_batches(cfg, size)
+    requests = [("loss", kind, None, 0) for kind in kinds]
+    requests += [("time", kind, str(dtype).removeprefix("torch."), repeats) for kind in kinds for dtype in dtypes]
+    answers = {}
+    for name in MODELS:
+        answers[name] = dict(zip(requests, run_contender(name, paths, size, requests, device)))
+        print(f"{name}: " + ", ".join(f"{r[1]} {r[2]} {s:.2f} s/step" for r, s in answers[name].items()
+                                      if r[0] == "time"), flush=True)
+    losses = {kind: {name: answers[name][("loss", kind, None, 0)] for name in MODELS} for kind in kinds}
+    for kind, by_model in losses.items():
+        if max(by_model.values()) - min(by_model.values()) > 1e-4:
+            raise SystemExit(f"bench: {kind} batch loss differs: {by_model}; the models are not the same")
+    rows = []
+    for kind, samples in kinds.items():
+        ours = packed_batch(samples, size["max_tokens"])
+        supervised, tokens = int((ours["targets"] != IGNORE).sum()), int((ours["document_ids"] >= 0).sum())
+        step_flops = flops(ours["document_ids"], supervised, len(ours["frames"]))
+        for dtype in dtypes:
+            peak, peak_source = peak_flops(device, dtype)
+            dt = str(dtype).removeprefix("torch.")
+            for name in MODELS:
+                s = answers[name][("time", kind, dt, repeats)]
+                shape = [len(samples), max(len(x["input_ids"]) for x in samples)] if name == "transformers" else \
+                    list(ours["input_ids"].shape)
+                rows.append({"batch": kind, "dtype": dt, "model": name, "samples": len(samples), "shape": shape,
+                             "step_s": s, "tokens_per_s": tokens / s, "supervised_tokens_per_s": supervised / s,
+                             "samples_per_s": len(samples) / s, "mfu": step_flops / s / peak, "peak_flops": peak,
+                             "peak_source": peak_source})
+    return rows, losses
 
 
 def checkpointing(model, size, dtype, repeats, device):
@@ -382,24 +422,168 @@ def checkpointing(model, size, dtype, repeats, device):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# `--check`: the paths a GPU run takes (varlen attention, bf16 FSDP, activation checkpointing, compile), on the
+# device at hand: it needs only torch, transformers and safetensors (random weights and frames, no decoding)
+
+CHECK = {  # a TinyLlama-1.1B-sized Llama (GQA: 32 heads, 4 KV heads) and a CLIP-L/14-336-sized tower
+    "full": dict(lm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192),
+                 vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=336, patch_size=14),
+                 frames=16, pool_stride=2, max_tokens=4736, rows=2, steps=20, attention=(2, 2048, 32, 4, 64)),
+    "quick": dict(lm=SIZES["quick"]["lm"], vision=SIZES["quick"]["vision"], frames=2, pool_stride=2, max_tokens=128,
+                  rows=2, steps=6, attention=(2, 64, 4, 2, 16)),
+}
+
+
+def random_checkpoint(path, config, model_class, dtype=torch.bfloat16):
+    """A Hugging Face checkpoint of random weights, written tensor by tensor (the model is built on meta only)."""
+    from safetensors.torch import save_file
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in model_class(config).state_dict().items()}
+    config.architectures = [model_class.__name__]
+    config.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    save_file({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()},
+              os.path.join(path, "model.safetensors"))
+
+
+def attention_check(device, shape):
+    """Packed rows through the attention this device takes (a varlen kernel on CUDA in bf16, else SDPA with a
+    mask) against causal SDPA run sample by sample in fp32: outputs and gradients, GQA, with and without a sliding
+    window. Errors relative to the reference's largest value."""
+    from nanovlm import lm
+    B, T, H, KV, hd = shape
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, n, hd, generator=g).to(device, dtype).requires_grad_() for n in (H, KV, KV))
+    lengths = [torch.randint(1, T // 2, (8,), generator=g).tolist() for _ in range(B)]
+    docs = torch.full((B, T), -1, dtype=torch.long)  # documents of random lengths, then padding (-1)
+    for row, ls in enumerate(lengths):
+        ids = torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))[:T - 3]
+        docs[row, :len(ids)] = ids
+    docs, real = docs.to(device), (docs >= 0).to(device)
+    kernel = lm.varlen_kernel(q)
+    result = {"kernel": "flash-attn" if kernel is lm.flash_attn_varlen_func and kernel else
+              "torch.nn.attention.varlen" if kernel else "SDPA with a mask"}
+    for window in (None, T // 4):
+        out = lm.attention(q, k, v, lm.attention_meta(docs, T, window, kernel is not None), window)
+        grads = torch.autograd.grad(out.float()[real].square().sum(), (q, k, v))
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = torch.zeros(B, T, H, hd, device=device)
+        for row in range(B):
+            for d in docs[row][real[row]].unique().tolist():
+                idx = (docs[row] == d).nonzero().flatten()
+                n = len(idx)
+                allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+                if window is not None:
+                    allowed &= torch.arange(n, device=device)[:, None] - torch.arange(n, device=device) < window
+                s = [t[row, idx].transpose(0, 1) for t in (qf, kf, vf)]  # (heads, n, hd)
+                ref[row, idx] = torch.nn.functional.scaled_dot_product_attention(
+                    *s, attn_mask=allowed, enable_gqa=True).transpose(0, 1)
+        ref_grads = torch.autograd.grad(ref[real].square().sum(), (qf, kf, vf))
+        result[f"window={window}"] = {
+            "out": ((out.float() - ref)[real].abs().max() / ref.abs().max()).item(),
+            "grads": max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref_grads))}
+    return result
+
+
+def check(device, quick):
+    """20 bf16 FSDP steps with activation checkpointing and compiled blocks of the CHECK model on packed rows of
+    varying lengths, after the attention check: MFU against the peak, compiles per block, peak memory."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from nanovlm import lm, vision
+    size = CHECK["quick" if quick else "full"]
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "attention": attention_check(device, size["attention"])}
+    print(f"attention ({report['attention']['kernel']}), errors relative to per-sample SDPA in fp32: "
+          + "; ".join(f"{k}: out {v['out']:.1e}, grads {v['grads']:.1e}" for k, v in report["attention"].items()
+                      if k != "kernel"), flush=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as root:
+        vision_path, lm_path = f"{root}/vision", f"{root}/lm"
+        random_checkpoint(vision_path, tf.CLIPVisionConfig(**size["vision"]), tf.CLIPVisionModel)
+        random_checkpoint(lm_path, tf.LlamaConfig(**size["lm"]), tf.LlamaForCausalLM)
+        device = setup_distributed(device.type)
+        cfg = vlm_config(vision_path, lm_path, pool_stride=size["pool_stride"])
+        start = time.perf_counter()
+        model = build_sharded(cfg, device, vision_path, lm_path, param_dtype=dtype, activation_checkpointing=True,
+                              compile=True, trainable={"vision": False, "projector": True, "lm": True})
+        report["load_s"] = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    flops, (peak, peak_source) = FlopCounter(model, False, True, True), peak_flops(device, dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    steps = []
+    for step in range(size["steps"]):
+        g = torch.Generator().manual_seed(step)  # every step other prompt and answer lengths: other row shapes
+        specs = [(size["frames"], int(torch.randint(8, 33, (), generator=g)), int(torch.randint(8, 65, (), generator=g)))
+                 for _ in range(16)]
+        samples = make_samples(specs, cfg.tokens_per_frame, cfg.vision.image_size, cfg.lm.vocab_size, seed=step)
+        rows = data.plan_rows([len(s["input_ids"]) for s in samples], [size["frames"]] * len(samples),
+                              size["max_tokens"], 1 << 20, 0, 0, shuffle=False)[:size["rows"]]
+        batch = packed_batch([samples[i] for row in rows for i in row], size["max_tokens"])
+        step_flops = flops(batch["document_ids"], int((batch["targets"] != IGNORE).sum()), len(batch["frames"]))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss, count = model(**batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        seconds = time.perf_counter() - start
+        steps.append({"loss": loss.item() / count.item(), "s": seconds, "mfu": step_flops / seconds / peak,
+                      "shape": list(batch["input_ids"].shape), "frames": len(batch["frames"])})
+        print(f"step {step + 1}: {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens, "
+              f"{len(batch['frames'])} frames, loss {steps[-1]['loss']:.3f}, {seconds:.2f} s, MFU "
+              f"{steps[-1]['mfu']:.1%}", flush=True)
+    timed = sorted(steps[len(steps) // 2:], key=lambda s: s["s"])  # the second half: compiled and warm
+    report.update(steps=steps, peak_flops=peak, peak_source=peak_source, mfu=timed[len(timed) // 2]["mfu"],
+                  compiles={name: len(_debug_get_cache_entry_list(block.forward.__code__))
+                            for name, block in (("lm block", lm.Block), ("vision block", vision.Block))},
+                  peak_memory_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                  process_memory("VmHWM")) / 1e9)
+    print(f"median MFU over the last {len(timed)} steps: {report['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s "
+          f"({peak_source}); compiles per block: {report['compiles']}; peak memory {report['peak_memory_gb']:.1f} GB; "
+          f"loading {report['load_s']:.1f} s")
+    end_distributed()
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="nanovlm training speed vs transformers' LLaVA; prints a table, "
-                                                 "writes JSON")
-    parser.add_argument("--quick", action="store_true", help="tiny towers and batches (seconds; the test uses it)")
+                                                 "writes JSON. --check: the GPU paths, on the device at hand")
+    parser.add_argument("--quick", action="store_true", help="tiny towers and batches (seconds; the tests use it)")
+    parser.add_argument("--check", action="store_true", help="attention kernels + 20 bf16 FSDP steps, AC, compile")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per figure (their median)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     parser.add_argument("--out", default="bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    command = " ".join(["python -m nanovlm.bench", *(argv if argv is not None else sys.argv[1:])])
+    if args.check:
+        report = {"command": command, **check(device, args.quick)}
+    else:
+        report = {"command": command, **measure(args, device)}
+        print_table(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+    return report
+
+
+def measure(args, device):
     size = SIZES["quick" if args.quick else "full"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    report = {"command": " ".join(["python -m nanovlm.bench", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"machine": {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": tf.__version__,
-                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-              "size": size}
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}, "size": size}
     with tempfile.TemporaryDirectory() as root:
         paths = make_towers(root, size)
         report["throughput"], report["loss_check"] = throughput(paths, size, dtypes, args.repeats, device)
@@ -408,11 +592,7 @@ def main(argv=None):
         del model
         if device.type == "cpu":  # gloo ranks on the same cores
             report["ranks"] = [ranks(paths, size, args.repeats, world_size) for world_size in (1, 2)]
-        report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print_table(report)
-    print(f"wrote {args.out}")
+        report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats, size["clips"])
     return report
 
 

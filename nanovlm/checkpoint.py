@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ckpt_root/step_000123/ holding
     .metadata, __<rank>_0.distcp   DCP shards of {"model": trainable weights, "optim": optimizer state}
-    rank<r>.pt                     rank r's RNG states and the `extra` it passed to save()
-    COMPLETE                       {"step", "world_size"}, written last
+    rank<r>.pt                     rank r's RNG states
+    COMPLETE                       {"step", "world_size", "extra"}, written last: `extra` is the run's global
+                                   state (its step, its data position as a global count of rows)
 
 What is notable:
 - Only trainable weights are saved; frozen ones come from the pretrained towers. StateDictOptions(
@@ -19,8 +20,9 @@ What is notable:
   complete. Saving a step that already exists renames the old copy aside first; latest() puts it back if
   the kill came between the two renames. tests/test_reliability.py kills a save before every file-system
   call it makes (mkdir, fsync, rename, unlink, ...) and checks that latest() always finds a complete one.
-- RNG states are per rank (torch CPU, CUDA, python, numpy): rank r gets its own back, so dropout and data
-  shuffling continue exactly as if uninterrupted. Hence a resume needs the same world size.
+- Any number of ranks can load a checkpoint: DCP reshards weights and optimizer state to the loading ranks'
+  layout. RNG states are per rank (torch CPU, CUDA, python, numpy): on the same number of ranks rank r gets its
+  own back and the run continues bit for bit; on another number, load() says so, and the caller re-derives them.
 - save/load/export_safetensors are collective (call them on every rank) and need a process group, even
   with one process (the trainer always starts one, gloo on CPU). latest() is collective too when a process
   group exists: rank 0 repairs, then every rank reads the same directory listing.
@@ -38,7 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -48,7 +50,8 @@ REPLACED_DIR = re.compile(r"\.tmp-(step_\d+)-replaced")  # a complete checkpoint
 
 def save(ckpt_root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
          keep_last: int = 2) -> str:
-    """Write ckpt_root/step_{step:06d} (trainable weights, optimizer, every rank's RNG and extra); return its path."""
+    """Write ckpt_root/step_{step:06d} (trainable weights, optimizer, every rank's RNG, rank 0's extra: JSON, the
+    same on every rank); return its path."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 so a complete checkpoint always exists, got {keep_last}")
     rng = _rng_state()  # first, so nothing below can advance the generators before they are recorded
@@ -62,12 +65,12 @@ def save(ckpt_root: str, step: int, model: torch.nn.Module, optimizer: torch.opt
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # fsyncs its files
     with open(os.path.join(tmp, f"rank{rank}.pt"), "wb") as f:
-        torch.save({"rng": rng, "extra": extra}, f)
+        torch.save({"rng": rng}, f)
         _sync(f)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size()}, f)
+            json.dump({"step": step, "world_size": dist.get_world_size(), "extra": extra}, f)
             _sync(f)
         replaced = tmp + "-replaced"
         if os.path.exists(final):  # same step saved twice: swap, so there is no moment without a complete copy
@@ -106,16 +109,17 @@ def latest(ckpt_root: str) -> str | None:
     return complete[-1] if complete else None
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights, optimizer state and this rank's RNG states from `path`; return this rank's extra."""
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, bool]:
+    """Restore trainable weights, optimizer state (unless optimizer is None: evaluation) and, if the checkpoint was
+    saved by as many ranks as there are now, every rank's RNG states from `path`, on any number of ranks ->
+    (the extra save() was given, whether the RNG states were restored)."""
     if not os.path.exists(os.path.join(path, MARKER)):
         raise ValueError(f"not a complete checkpoint: {path} has no {MARKER} marker; resume from checkpoint.latest()")
     with open(os.path.join(path, MARKER)) as f:
-        saved_world = json.load(f)["world_size"]
-    if saved_world != dist.get_world_size():
-        raise ValueError(f"{path} was saved by {saved_world} ranks but this run has {dist.get_world_size()}; "
-                         f"resume with --nproc_per_node={saved_world} (RNG states are stored per rank)")
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        marker = json.load(f)
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else \
+        (get_model_state_dict(model, options=options), None)
     saved = {k[len("model."):] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
              if k.startswith("model.")}
     if saved != set(model_sd):
@@ -123,23 +127,32 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError(f"{path} holds other trainable weights than this model has (saved but frozen here: "
                          f"{frozen_here[:3]}; trainable here but not saved: {trainable_here[:3]}); "
                          f"resume with the freeze settings of the run that saved it")
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)  # reshards to this run's ranks
     # strict=False only because the frozen parameters are absent on purpose; the key check above covers the rest
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    # our own file, written by save(): pickle is needed for python/numpy RNG states and arbitrary extra
-    state = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
-    _set_rng_state(state["rng"])
-    return state["extra"]
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if optimizer is None:
+        set_model_state_dict(model, model_sd, options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    same_world = marker["world_size"] == dist.get_world_size()
+    if same_world:  # our own file, written by save(): pickle is needed for python/numpy RNG states
+        _set_rng_state(torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)["rng"])
+    return marker.get("extra", {}), same_world
 
 
-def export_safetensors(model: torch.nn.Module, path: str) -> None:
-    """Rank 0 writes the trainable weights, gathered to full (unsharded) CPU tensors, to a .safetensors file."""
-    weights = get_model_state_dict(  # collective: every rank takes part in the all-gather, rank 0 keeps the result
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+def export_safetensors(model: torch.nn.Module, path: str, names) -> None:
+    """Rank 0 writes the named parameters, gathered to full (unsharded) CPU tensors one at a time, to a
+    .safetensors file. Collective: every rank gathers each parameter in the same order."""
+    params, weights = dict(model.named_parameters()), {}
+    for name in names:
+        p = params[name]
+        full = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        if dist.get_rank() == 0:
+            weights[name] = full.cpu().contiguous()
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, path + ".tmp", metadata={"format": "pt"})
+        save_file(weights, path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
     dist.barrier()
 

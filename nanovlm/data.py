@@ -396,13 +396,16 @@ def plan_rows(lengths, frames, max_tokens, max_frames_per_row, seed, epoch, pack
 class RowSampler(Sampler):
     """Yields one micro-batch of this rank at a time: a list of (epoch, row_in_batch, sample) keys.
 
-    Every micro-step consumes world_size * micro_batch consecutive rows of the epoch's plan and rank
-    r takes rows [r*micro_batch, (r+1)*micro_batch) of them. An epoch's last rows that do not fill a
-    whole micro-step are dropped (every rank must run the same number of steps); the shuffle puts
-    other samples there next epoch. Resume: set_epoch(epoch, start_row=rows consumed so far)."""
+    An optimizer step consumes rows_per_step consecutive rows of the epoch's plan (the global batch: all ranks and
+    micro-steps together, world_size * micro_batch if not given); each micro-step consumes world_size *
+    micro_batch of them, rank r taking rows [r*micro_batch, (r+1)*micro_batch) of those. So the rows a step
+    consumes do not depend on the number of ranks: a run resumed on another number neither skips nor repeats a
+    sample. An epoch's last rows that do not fill a whole step are dropped (every rank must run the same number
+    of steps); the shuffle puts other samples there next epoch. Resume: set_epoch(epoch, start_row=rows
+    consumed so far)."""
 
     def __init__(self, dataset, micro_batch, max_frames_per_row, rank=0, world_size=1, seed=0, packing=True,
-                 shuffle=True, max_tokens=None):
+                 shuffle=True, max_tokens=None, rows_per_step=None):
         self.lengths, self.frame_counts = dataset.lengths, dataset.frame_counts
         self.max_tokens = max_tokens or dataset.max_tokens  # tokens per row
         if max(self.frame_counts) > max_frames_per_row:
@@ -410,6 +413,7 @@ class RowSampler(Sampler):
                              f"{max_frames_per_row}; set max_frames_per_row >= num_frames")
         self.micro_batch, self.max_frames_per_row = micro_batch, max_frames_per_row
         self.rank, self.world_size = rank, world_size
+        self.rows_per_step = rows_per_step or world_size * micro_batch
         self.seed, self.packing, self.shuffle = seed, packing, shuffle
         self.epoch, self.start_row, self._plan = 0, 0, None
 
@@ -423,13 +427,14 @@ class RowSampler(Sampler):
             self._plan = (self.epoch, rows)
         return self._plan[1]
 
-    def __len__(self):
-        return max(0, len(self.rows()) - self.start_row) // (self.world_size * self.micro_batch)
+    def __len__(self):  # micro-steps left in the epoch, whole optimizer steps only
+        steps = max(0, len(self.rows()) - self.start_row) // self.rows_per_step
+        return steps * self.rows_per_step // (self.world_size * self.micro_batch)
 
     def __iter__(self):
-        rows, rows_per_step = self.rows(), self.world_size * self.micro_batch
-        for step in range(len(self)):
-            first = self.start_row + step * rows_per_step + self.rank * self.micro_batch
+        rows, per_micro_step = self.rows(), self.world_size * self.micro_batch
+        for k in range(len(self)):
+            first = self.start_row + k * per_micro_step + self.rank * self.micro_batch
             yield [(self.epoch, r, i) for r, row in enumerate(rows[first:first + self.micro_batch]) for i in row]
 
 
@@ -488,15 +493,15 @@ class TrainBatches:
     """Endless training micro-batches of this rank, epoch after epoch.
 
     position = (epoch, rows consumed in it by all ranks) after the batches returned so far: save it
-    in a checkpoint and pass it back as `start` to resume exactly there (the DataLoader prefetches
-    ahead, so the sampler's own progress would overcount)."""
+    in a checkpoint (at a step boundary) and pass it back as `start` to resume exactly there, on any
+    number of ranks (the DataLoader prefetches ahead, so the sampler's own progress would overcount)."""
 
     def __init__(self, dataset, micro_batch, rank, world_size, max_tokens, max_frames_per_row, packing, seed,
-                 num_workers=2, start=(0, 0), pin_memory=False):
+                 num_workers=2, start=(0, 0), pin_memory=False, rows_per_step=None):
         self.sampler = RowSampler(dataset, micro_batch, max_frames_per_row, rank, world_size, seed, packing,
-                                  max_tokens=max_tokens)
+                                  max_tokens=max_tokens, rows_per_step=rows_per_step)
         self.loader = make_loader(dataset, self.sampler, num_workers, pin_memory=pin_memory)
-        self.rows_per_step = world_size * micro_batch
+        self.rows_per_micro_step = world_size * micro_batch
         self.position, self._batches = tuple(start), None
 
     def __iter__(self):
@@ -506,15 +511,15 @@ class TrainBatches:
         epoch, row = self.position
         if self._batches is None:
             self.sampler.set_epoch(epoch, row)
-            if len(self.sampler.rows()) < self.rows_per_step:
-                raise ValueError(f"{len(self.sampler.rows())} rows per epoch, fewer than world_size * micro_batch="
-                                 f"{self.rows_per_step}: use more data or smaller batches")
+            if len(self.sampler.rows()) < self.sampler.rows_per_step:
+                raise ValueError(f"{len(self.sampler.rows())} rows per epoch, fewer than the {self.sampler.rows_per_step}"
+                                 f" of one step (global_batch_size): use more data or smaller batches")
             self._batches = iter(self.loader)
         batch = next(self._batches, None)
         if batch is None:  # epoch done
             self.position, self._batches = (epoch + 1, 0), None
             return next(self)
-        self.position = (epoch, row + self.rows_per_step)
+        self.position = (epoch, row + self.rows_per_micro_step)
         return batch
 
 

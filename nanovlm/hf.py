@@ -205,7 +205,8 @@ class CheckpointFiles:
         """Rows [start, stop) of a tensor of one or more dimensions, in its stored dtype."""
         file = self.files[key]
         if not file.endswith(".safetensors"):
-            return self._bin(file)[key][start:stop]
+            t = self._bin(file)[key]
+            return t[start:stop] if t.ndim else t.reshape(1)
         header, data_start = self._header(file)
         info = header[key]
         out = torch.empty(stop - start, *info["shape"][1:], dtype=SAFETENSORS_DTYPES[info["dtype"]])
@@ -214,6 +215,10 @@ class CheckpointFiles:
             f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
             f.readinto(out.view(-1).view(torch.uint8).numpy())
         return out
+
+    def get(self, key):  # the whole tensor (a 0-d one read as one row)
+        shape = self.shape_and_float(key)[0]
+        return self.read(key, 0, shape[0]) if shape else self.read(key, 0, 1).reshape(())
 
 
 def local_rows(param):

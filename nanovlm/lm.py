@@ -143,12 +143,11 @@ def varlen_kernel(x):
 
 def attention_meta(document_ids, T, window, varlen):
     """Training and full forwards, no cache. document_ids (B, T): which sample of the row each token is (-1:
-    padding) or None for one sample per row; window: Mistral's sliding window, or None."""
+    padding) or None for one sample per row (not with varlen); window: Mistral's sliding window, or None."""
     if window is not None and T <= window:
         window = None  # no key is that far from its query
     if varlen:  # one segment per document: a new segment wherever the document id changes, and at every row
-        B = document_ids.shape[0] if document_ids is not None else 1
-        flat = (document_ids if document_ids is not None else torch.zeros(B, T, dtype=torch.long)).flatten()
+        flat = document_ids.flatten()
         starts = torch.ones_like(flat, dtype=torch.bool)
         starts[1:] = flat[1:] != flat[:-1]
         starts.view(-1, T)[:, 0] = True
@@ -375,10 +374,13 @@ class LM(nn.Module):
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
+        varlen = cache is None and varlen_kernel(x) is not None
+        if varlen and document_ids is None:
+            document_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
         if cache is not None:
             meta = cache.advance(document_ids, position_ids)
         else:
-            meta = attention_meta(document_ids, T, self.cfg.sliding_window, varlen_kernel(x) is not None)
+            meta = attention_meta(document_ids, T, self.cfg.sliding_window, varlen)
         cos, sin = self.rotary(position_ids)
         for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and self.training:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm import hf
+from nanovlm import hf, llava
 from nanovlm.lm import LM, Cache, LMConfig
 from nanovlm.media import load_preprocess
 from nanovlm.vision import VisionConfig, VisionTower
@@ -76,9 +76,7 @@ class VLM(nn.Module):
         lm dim), computed in dtype. uint8 frames cross from the data workers at a quarter of fp32's bytes and are
         normalised here, on the device, with the tower's mean/std."""
         if frames.dtype == torch.uint8:
-            mean = torch.tensor(self.cfg.pixel_mean, device=frames.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.cfg.pixel_std, device=frames.device).view(1, 3, 1, 1)
-            frames = frames.float().mul_(1 / (255 * std)).sub_(mean / std)
+            frames = normalize(frames, self.cfg)
         features = self.vision(frames.to(dtype))  # (N, grid*grid, vision dim)
         s = self.cfg.pool_stride
         if s > 1:
@@ -212,6 +210,13 @@ class VLM(nn.Module):
         return answers
 
 
+def normalize(frames, cfg: VLMConfig):
+    """uint8 (N, 3, H, W) pixels -> float (x/255 - mean)/std with the tower's mean/std, in two in-place ops."""
+    mean = torch.tensor(cfg.pixel_mean, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.pixel_std, device=frames.device).view(1, 3, 1, 1)
+    return frames.float().mul_(1 / (255 * std)).sub_(mean / std)
+
+
 def collective_any(flag, distributed, device):
     """Whether flag holds on any rank (on this one alone when not distributed)."""
     flag = torch.tensor(float(flag), device=device)
@@ -247,9 +252,11 @@ def sample(logits, temperature, top_p, generator=None):
 # Building: on the meta device, then materialised (plain or FSDP-sharded) and filled by load_weights
 
 def vlm_config(vision_path, lm_path, projector="mlp2x_gelu", pool_stride=1, select_layer=-2) -> VLMConfig:
-    """From the towers' config.json files (and the vision tower's preprocessor_config.json for mean/std)."""
-    vision = hf.vision_config(hf.read_config(vision_path), select_layer, vision_path)
-    lm = hf.lm_config(hf.read_config(lm_path), lm_path)
+    """From the towers' config.json files (and the vision tower's preprocessor_config.json for mean/std). Either
+    path may also be a LLaVA checkpoint (nanovlm/llava.py): a llava-hf directory holds both towers, an original
+    LLaVA checkpoint the LM."""
+    vision = hf.vision_config(llava.vision_dict(vision_path), select_layer, vision_path)
+    lm = hf.lm_config(llava.text_dict(lm_path), lm_path)
     pre = load_preprocess(vision_path)
     return VLMConfig(vision=vision, lm=lm, projector=projector, pool_stride=pool_stride, pixel_mean=pre.mean,
                      pixel_std=pre.std)
@@ -258,12 +265,24 @@ def vlm_config(vision_path, lm_path, projector="mlp2x_gelu", pool_stride=1, sele
 def load_weights(model: VLM, vision_path, lm_path, seed=0, trained=None):
     """Fill a materialised model, plain or FSDP-sharded (then each rank reads only the rows it holds, so no
     process holds the whole model): RoPE buffers and the projector's seeded init (init_weights), the towers from
-    their checkpoints, then a run's trained tensors (`trained`: a trained.safetensors) over them."""
+    their checkpoints, then what a stage starts from over them (`trained`: a run's trained.safetensors, or a
+    LLaVA checkpoint whose projector is taken)."""
     model.init_weights(seed)
-    hf.load_vision(model.vision, vision_path)
-    hf.load_lm(model.lm, lm_path)
-    if trained is not None:
+    sources = {"vision": (vision_path, llava.read_llava(vision_path)), "lm": (lm_path, llava.read_llava(lm_path))}
+    if sources["lm"][1] is not None and {"vision", "lm"} <= sources["lm"][1]["holds"]:
+        sources["vision"] = sources["lm"]  # an original LLaVA finetuned with its tower holds its own copy of it
+    for part, (path, info) in sources.items():
+        if info is None:
+            (hf.load_vision if part == "vision" else hf.load_lm)(getattr(model, part), path)
+        else:  # a LLaVA checkpoint as a tower: its own tower or LM, under its names
+            llava.load_llava(model, path, info, {part})
+    if trained is None:
+        return
+    info = llava.read_llava(trained)
+    if info is None:
         load_trained(model, trained)
+    else:  # a published LLaVA checkpoint to start from: the projector (its towers are the run's tower paths)
+        llava.load_llava(model, trained, info, {"projector"})
 
 
 def from_pretrained(vision_path, lm_path, device="cpu", seed=0, **kwargs):

@@ -1,10 +1,16 @@
 """`python -m nanovlm.bench --quick`: it runs end to end and its JSON holds sane numbers (tiny sizes, CPU)."""
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from nanovlm import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +49,21 @@ def test_memory_ranks_and_data(report):
     # FSDP shards parameters and optimizer state: each of 2 ranks holds about half (plus unsharded remainders)
     assert two["param_optimizer_bytes_per_rank"] <= 0.55 * one["param_optimizer_bytes_per_rank"]
     assert report["data"]["full_clips_per_s"] > 0 and report["data"]["raw_clips_per_s"] > 0
+    assert report["data"]["size"] == 224  # SSv2-sized clips (427x240 VP9) resized to a 224 px tower
+
+
+def test_check_runs_the_gpu_paths_on_this_device(tmp_path):
+    """`python -m nanovlm.bench --check` is what a GPU machine runs (varlen attention against per-sample SDPA,
+    bf16 FSDP steps with activation checkpointing and compiled blocks); --quick on the CPU runs the same code."""
+    out = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, "-m", "nanovlm.bench", "--check", "--device=cpu", "--quick",
+                             f"--out={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["attention"]["kernel"] == "SDPA with a mask"  # no varlen kernel on a CPU
+    for window in ("window=None", "window=16"):
+        assert report["attention"][window]["out"] < 1e-5 and report["attention"][window]["grads"] < 1e-5
+    assert len(report["steps"]) == 6 and all(math.isfinite(s["loss"]) for s in report["steps"])
+    assert len({tuple(s["shape"]) for s in report["steps"]}) > 1  # the rows change shape from step to step
+    assert 1 <= report["compiles"]["lm block"] <= 3 and report["peak_memory_gb"] > 0 and report["mfu"] > 0

@@ -441,3 +441,16 @@ def test_workers_return_freed_frame_memory_to_the_os(tmp_path):
         growth = int(subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, env=env,
                                     check=True).stdout)
         assert growth < 50, growth  # MB over 300 batches
+
+
+def test_a_record_the_chat_template_rejects_is_skipped_not_fatal(files, capsys):
+    """A chat template can raise on one record (jinja's raise_exception, as Llama-2's and Mistral's templates do
+    for roles they do not take): that record is skipped with the template's reason, the others are kept."""
+    strict = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+                                                        "{{ raise_exception('no forbidden words') }}{% endif %}")
+    records = [video_record("a.webm", answer="fine"), video_record("b.webm", answer="forbidden"),
+               video_record("c.webm", answer="also fine")]
+    dataset = make_dataset(files, records, template="chat", tokenizer=make_tokenizer("bytelevel", strict))
+    assert len(dataset) == 2 and dataset.num_skipped == 1
+    warning = capsys.readouterr().err
+    assert "record 1 (id='b.webm')" in warning and "no forbidden words; skipped" in warning

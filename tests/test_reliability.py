@@ -178,7 +178,7 @@ def test_save_killed_before_any_file_system_call(killed_saves, scenario, process
             assert name in log, (where, name, log)
         for name in sorted(after):  # every checkpoint left loads whole, not only the newest
             model, optimizer = tiny_model()
-            extra = checkpoint.load(str(ckpt / name), model, optimizer)
+            extra, _ = checkpoint.load(str(ckpt / name), model, optimizer)
             assert extra["step"] == int(name.removeprefix("step_")), (where, name)
             assert str(ckpt / name) != path or extra["version"] == version, where
             saved = torch.load(run / f"weights-v{extra['version']}.pt")
@@ -203,7 +203,7 @@ def test_training_killed_while_saving_resumes_from_the_last_complete_checkpoint(
                             capture_output=True, text=True, env=ENV, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(os.listdir(out / "ckpt")) == [".tmp-step_000004", "step_000002"]  # step 4 written, not committed
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--init_from=resume"],
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--resume=True"],
                              capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"removing incomplete checkpoint {out}/ckpt/.tmp-step_000004" in resumed.stdout
@@ -328,6 +328,15 @@ def test_hostile_config_fails_before_any_work(case, extra, message, synthetic, b
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("config error: "), stderr
     assert message in stderr, stderr
     assert not (tmp_path / "out").exists() and not dist.is_initialized()
+
+
+def test_a_missing_local_tower_is_not_looked_up_on_the_hub(synthetic, tmp_path, run_main, monkeypatch):
+    """`data/smollm2` before `python prepare.py smollm2`: "data" exists here, so it is a local path that is
+    missing, an error naming it and what to run, not a hub id whose download fails later."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    code, stderr = run_main(run_args(synthetic, tmp_path / "out") + ["--lm_path=data/smollm2"])
+    assert code == 2 and "lm_path='data/smollm2' is not a directory" in stderr and "prepare.py smollm2" in stderr
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """Label-set scoring (VLM.score, nanovlm/scoring.py): likelihoods equal a full forward, the best candidate is the
 model's own choice, direction pairs, the frame-order control and the metrics. CPU, fp32."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +14,7 @@ from nanovlm import scoring
 from nanovlm.model import VISUAL_TOKEN, from_pretrained
 
 SIZE = 32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +89,47 @@ def test_summary_from_a_confusion_matrix():
     assert metrics["per_class"] == {"a down": 0.8, "a up": 0.7, "b": 0.9}
     assert metrics["pair_accuracy"] == pytest.approx(15 / 20) and metrics["pair_confusion"] == pytest.approx(5 / 20)
     assert metrics["pairs"] == {"a down | a up": [[8, 2], [3, 7]]}
+
+
+MEMORY_SCRIPT = r"""
+import sys, torch, transformers as tf
+from nanovlm.model import VISUAL_TOKEN, from_pretrained
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+root, K = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root + "/lm")
+tf.CLIPVisionModel(tf.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4)).save_pretrained(root + "/vision")
+model = from_pretrained(root + "/vision", root + "/lm", select_layer=-1).eval()
+n = model.cfg.tokens_per_frame  # 16 per frame, 16 clips of 32 frames: prompts of ~530 tokens
+prompts = [torch.cat([torch.tensor([1, 5 + b]), torch.full((32 * n,), VISUAL_TOKEN), torch.tensor([9] * b)])
+           for b in range(16)]
+frames = torch.randint(0, 256, (16 * 32, 3, 32, 32), dtype=torch.uint8)
+g = torch.Generator().manual_seed(1)
+candidates = [torch.randint(3, 1000, (int(torch.randint(2, 9, (), generator=g)),), generator=g) for _ in range(K)]
+model.score(prompts, frames, candidates[:2], chunk_tokens=64)  # warm-up: the same allocations for every K
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before = status("VmRSS")
+model.score(prompts, frames, candidates, chunk_tokens=64)
+print(status("VmHWM") - before)
+"""
+
+
+def test_scoring_memory_does_not_grow_with_the_label_set(tmp_path):
+    """174 candidates (SSv2's label set) against 8, the same prompts: the prompts' cache is never copied, and the
+    candidates go through in chunks of whole candidates that continue it side by side."""
+    peaks = {}
+    for K in (8, 174):
+        result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / str(K)), str(K)],
+                                capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[K] = int(result.stdout.split()[-1])
+    assert peaks[8] > 20e6, peaks  # the prompts' cache and activations: the measurement sees the scoring
+    assert peaks[174] <= 1.3 * peaks[8], peaks
