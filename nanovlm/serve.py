@@ -411,6 +411,7 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: torch's default)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoding together (batch rows)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
     parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + answer tokens per row")
@@ -425,6 +426,8 @@ def main(argv=None):
     for directory in limits.allowed_media_dir:
         if not os.path.isdir(directory):
             parser.error(f"--allowed-media-dir {directory}: not a directory")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         model, tokenizer, info = load_final(args.ckpt, args.device)
     except ValueError as e:

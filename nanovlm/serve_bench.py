@@ -6,13 +6,16 @@ Two servers, each the real command in a process of its own on 127.0.0.1: one tha
 that answers one request at a time (`--max-batch 1`, the rest waiting in its queue). Against each, 1, 4 and 16
 clients stream at once through the official `openai` client, each sending requests one after the other (16 requests
 a level at least), all asking about the same video (a data URL) with `ignore_eos`, so every answer is
-`--max-tokens` long. tokens/s: completion tokens of all clients / wall-clock time of the level; latency: request sent
--> last event; TTFT: -> first text. One warm-up request per server first.
+`--max-tokens` long. Both servers run all along (an idle one only waits on its queue) and each level runs against
+one, then the other, `--repeats` times, so that both meet the same machine; the table shows the median run.
+tokens/s: completion tokens of all clients / wall-clock time of the level; latency: request sent -> last event;
+TTFT: -> first text. One warm-up request per server first.
 """
 
 import argparse
 import asyncio
 import base64
+import itertools
 import math
 import mimetypes
 import select
@@ -80,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (ignore_eos)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients, one level each")
     parser.add_argument("--requests", type=int, default=16, help="requests a level at least")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each level; the median is shown")
     parser.add_argument("--server-options", default="", help="more nanovlm.serve flags, e.g. '--device cuda'")
     args = parser.parse_args(argv)
     mime = mimetypes.guess_type(args.video)[0] or "video/webm"
@@ -88,22 +92,25 @@ def main(argv=None):
     messages = [{"role": "user", "content": [{"type": "text", "text": args.question},
                                              {"type": "video_url", "video_url": {"url": url}}]}]
     levels = [int(c) for c in args.clients.split(",")]
+    servers = {"batched": start_server(args.ckpt, max(levels), args.server_options.split()),
+               "one at a time": start_server(args.ckpt, 1, args.server_options.split())}
     table = {}
-    for mode, max_batch in (("batched", max(levels)), ("one at a time", 1)):
-        process, server = start_server(args.ckpt, max_batch, args.server_options.split())
-        try:
-            model = openai.OpenAI(base_url=f"{server}/v1", api_key="none").models.list().data[0].id
+    try:
+        model = openai.OpenAI(base_url=f"{servers['batched'][1]}/v1", api_key="none").models.list().data[0].id
+        for _, server in servers.values():
             asyncio.run(level(server, model, 1, 1, messages, args.max_tokens))  # warm-up
-            for clients in levels:
-                rounds = max(2, math.ceil(args.requests / clients))
-                table[mode, clients] = asyncio.run(level(server, model, clients, rounds, messages, args.max_tokens))
-                r = table[mode, clients]
-                print(f"{mode}, {clients} clients: {r['requests']} requests, {r['tokens']} tokens in "
-                      f"{r['wall']:.1f} s", file=sys.stderr, flush=True)
-        finally:
+        for clients, repeat, mode in itertools.product(levels, range(args.repeats), servers):  # alternated
+            rounds = max(2, math.ceil(args.requests / clients))
+            r = asyncio.run(level(servers[mode][1], model, clients, rounds, messages, args.max_tokens))
+            table.setdefault((mode, clients), []).append(r)
+            print(f"{mode}, {clients} clients: {r['requests']} requests, {r['tokens']} tokens in {r['wall']:.1f} s",
+                  file=sys.stderr, flush=True)
+    finally:
+        for process, _ in servers.values():
             process.send_signal(signal.SIGTERM)
             process.wait()
-    print(f"\n{args.ckpt}, {args.max_tokens} tokens per answer\n")
+    table = {key: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2] for key, runs in table.items()}
+    print(f"\n{args.ckpt}, {args.max_tokens} tokens per answer, median of {args.repeats}\n")
     print("| clients | server | tokens/s | latency p50 | latency p99 | TTFT p50 | batched / one at a time |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for clients in levels:
