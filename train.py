@@ -61,6 +61,11 @@ max_bad_fraction = 0.01  # stop when more than this fraction of samples is unrea
 train_vision = False
 train_projector = True
 train_lm = False
+lora_rank = 0  # > 0: LoRA adapters of this rank on lora_targets train in place of those parts' weights (the rest
+#                of a targeted part is frozen); final/ holds the merged weights
+lora_alpha = 16.0  # adapter output scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # on the adapters' input, in training
+lora_targets = ["lm.qkv", "lm.o", "lm.gate_up", "lm.down"]  # also vision.qkv, vision.o, vision.fc1, vision.fc2
 # optimisation
 batch_size = 4  # rows per micro-step per rank
 global_batch_size = 8  # rows per optimizer step: batch_size x ranks x gradient accumulation
@@ -98,7 +103,7 @@ preempt_signal = "SIGTERM"  # on it, every rank stops after the current step, ch
 #                             SIGTERM before SIGKILL; "SIGUSR1" for sbatch --signal=USR1@120)
 # -----------------------------------------------------------------------------------------------------------------
 
-from nanovlm import checkpoint, data, lifecycle, llava, scoring  # noqa: E402  (after the defaults, which are the docs)
+from nanovlm import checkpoint, data, lifecycle, llava, lora, scoring  # noqa: E402  (after the defaults, which are the docs)
 from nanovlm.config import Config, ConfigError, configure, defaults  # noqa: E402
 from nanovlm.metrics import FlopCounter, peak_flops  # noqa: E402
 from nanovlm.model import IGNORE, vlm_config  # noqa: E402
@@ -147,6 +152,15 @@ def check_config(c: Config, world_size):
                           f"{c.batch_size} x {world_size}")
     if not (c.train_vision or c.train_projector or c.train_lm):
         raise ConfigError("nothing to train: set one of train_vision, train_projector, train_lm")
+    if c.lora_rank < 0 or (c.lora_rank and not c.lora_targets):
+        raise ConfigError(f"lora_rank={c.lora_rank} with lora_targets={c.lora_targets}: a rank >= 0, and targets")
+    for target in c.lora_targets if c.lora_rank else []:
+        if target not in lora.TARGETS:
+            raise ConfigError(f"lora_targets has {target!r}, not one of {', '.join(lora.TARGETS)}")
+        if not getattr(c, f"train_{target.split('.')[0]}"):
+            raise ConfigError(f"lora_targets has {target!r} but train_{target.split('.')[0]}=False: nothing of it "
+                              f"would train; set train_{target.split('.')[0]}=True (with lora_rank > 0 that part "
+                              f"trains through its adapters only)")
     if c.init_from == "resume":
         raise ConfigError("init_from='resume' is now resume=True: init_from says where a stage starts (its towers "
                           "and a previous stage's final/), resume continues this run; pass --resume=True")
@@ -398,26 +412,49 @@ def train_step(model, optimizer, micro, c: Config, device, autocast, flops):
 
 
 def write_final(model, c: Config, tokenizer, inherited=None):
-    """out_dir/final: every tensor that differs from the base towers (trained here, or inherited from init_from's
-    final/ and not retrained), where each part came from, the tokenizer."""
+    """out_dir/final: every tensor that differs from the base towers (trained here, or inherited from init_from and
+    not retrained; LoRA adapters merged into the weights they adapt, and also in PEFT's layout under adapter/),
+    where each part came from, the tokenizer."""
     final = os.path.join(c.out_dir, "final")
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    trained = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
     if inherited is None:
         kept = []
     elif inherited.endswith("trained.safetensors"):
         kept = sorted(set(safe_open(inherited, "pt").keys()) - set(trained))
     else:  # a LLaVA checkpoint: its projector (its towers are this run's tower paths)
         kept = sorted({name for name, _ in model.named_parameters() if name.startswith("projector.")} - set(trained))
-    checkpoint.export_safetensors(model, os.path.join(final, "trained.safetensors"), trained + kept)
+    adapted = sorted(lora.layers(model, c.lora_targets)) if c.lora_rank else []
+    tensors = checkpoint.gather(model, trained + kept + [f"{p}.{s}" for p in adapted for s in
+                                                          ("weight", "lora_A", "lora_B")])
+    adapters = {p: (tensors.pop(f"{p}.lora_A"), tensors.pop(f"{p}.lora_B")) for p in adapted if tensors}
+    for p, (A, B) in adapters.items():
+        tensors[f"{p}.weight"] = lora.merge(tensors[f"{p}.weight"], A, B, c.lora_alpha)
+    checkpoint.write_safetensors(tensors, os.path.join(final, "trained.safetensors"))
     if dist.get_rank() == 0:
         with open(os.path.join(final, "nanovlm.json"), "w") as f:
             json.dump({"vision_path": c.vision_path, "lm_path": c.lm_path, "projector": c.projector,
                        "pool_stride": c.pool_stride, "vision_select_layer": c.vision_select_layer,
                        "template": c.template, "num_frames": c.num_frames, "init_from": c.init_from,
-                       "trained_here": sorted({name.split(".")[0] for name in trained}),
-                       "inherited": sorted({name.split(".")[0] for name in kept})}, f, indent=1)
+                       "trained_here": sorted({name.split(".")[0] for name in trained + adapted}),
+                       "inherited": sorted({name.split(".")[0] for name in kept} - {p.split(".")[0] for p in adapted}),
+                       "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets,
+                                "merged": True} if adapted else None}, f, indent=1)
         tokenizer.save_pretrained(final)
+        if any(p.startswith("lm.") for p in adapters):  # PEFT's layout, for the LM as a Hugging Face causal LM
+            write_peft_adapter(os.path.join(final, "adapter"), adapters, model.cfg.lm, c)
     return final
+
+
+def write_peft_adapter(path, adapters, cfg, c: Config):
+    os.makedirs(path, exist_ok=True)
+    modules = sorted({name for t in c.lora_targets if t.startswith("lm.") for name in
+                      lora.LM_PROJECTIONS[t.split(".")[1]]})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": c.lm_path,
+                   "r": c.lora_rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+                   "target_modules": modules, "bias": "none", "fan_in_fan_out": False}, f, indent=1)
+    from safetensors.torch import save_file
+    save_file(lora.peft_state_dict(adapters, cfg), os.path.join(path, "adapter_model.safetensors"))
 
 
 class Logger:
@@ -469,13 +506,15 @@ def run(c: Config, device, preemption=None):
         os.path.join(c.init_from, "trained.safetensors")  # a LLaVA checkpoint, or a run's trained tensors
     model = build_sharded(cfg, device, c.vision_path, c.lm_path, c.seed, inherited, param_dtype=dt,
                           trainable={"vision": c.train_vision, "projector": c.train_projector, "lm": c.train_lm},
+                          lora=dict(targets=c.lora_targets, rank=c.lora_rank, alpha=c.lora_alpha,
+                                    dropout=c.lora_dropout) if c.lora_rank else None,
                           activation_checkpointing=c.activation_checkpointing, compile=c.compile)
     optimizer = None if c.eval_only else make_optimizer(model, c)
     tokenizer = data.load_tokenizer(c.lm_path)
     entries = data.dataset_entries(c)
     val_sets = [(e["name"], data.make_dataset(e, e["val_data"], False, c, tokenizer, cfg.tokens_per_frame),
                  e["eval_label_set"]) for e in entries if e["val_data"]]
-    step, position = resume(model, optimizer, c) if c.resume else (0, (0, 0))
+    step, position = resume_run(model, optimizer, c) if c.resume else (0, (0, 0))
     if c.eval_only:
         metrics = evaluate(model, val_sets, tokenizer, device, autocast, c)
         print0(json.dumps(metrics))
@@ -495,7 +534,7 @@ def run(c: Config, device, preemption=None):
     print0(f"done: {c.max_steps} steps; {skipped} unreadable samples skipped; weights in {final}")
 
 
-def resume(model, optimizer, c: Config):
+def resume_run(model, optimizer, c: Config):
     """Load the newest complete checkpoint of this run (saved by any number of ranks) -> (step, data position)."""
     path = checkpoint.latest(os.path.join(c.out_dir, "ckpt"))
     if path is None:
@@ -522,7 +561,9 @@ def train_loop(model, optimizer, batches, val_sets, tokenizer, c: Config, device
     rank, world_size = dist.get_rank(), dist.get_world_size()
     grad_accum = c.global_batch_size // (c.batch_size * world_size)
     monitor = data.BadSampleMonitor(c.max_bad_fraction)
-    flops = FlopCounter(model, c.train_vision, c.train_projector, c.train_lm)
+    adapted = {t.split(".")[0] for t in c.lora_targets} if c.lora_rank else set()  # no weight gradients there
+    flops = FlopCounter(model, c.train_vision and "vision" not in adapted, c.train_projector,
+                        c.train_lm and "lm" not in adapted)
     peak, peak_source = peak_flops(device, dt)
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
            f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trained; "

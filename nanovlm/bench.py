@@ -422,141 +422,56 @@ def checkpointing(model, size, dtype, repeats, device):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# `--check`: the paths a GPU run takes (varlen attention, bf16 FSDP, activation checkpointing, compile), on the
-# device at hand: it needs only torch, transformers and safetensors (random weights and frames, no decoding)
-
-CHECK = {  # a TinyLlama-1.1B-sized Llama (GQA: 32 heads, 4 KV heads) and a CLIP-L/14-336-sized tower
-    "full": dict(lm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192),
-                 vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                             image_size=336, patch_size=14),
-                 frames=16, pool_stride=2, max_tokens=4736, rows=2, steps=20, attention=(2, 2048, 32, 4, 64)),
-    "quick": dict(lm=SIZES["quick"]["lm"], vision=SIZES["quick"]["vision"], frames=2, pool_stride=2, max_tokens=128,
-                  rows=2, steps=6, attention=(2, 64, 4, 2, 16)),
-}
-
-
-def random_checkpoint(path, config, model_class, dtype=torch.bfloat16):
-    """A Hugging Face checkpoint of random weights, written tensor by tensor (the model is built on meta only)."""
-    from safetensors.torch import save_file
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model_class(config).state_dict().items()}
-    config.architectures = [model_class.__name__]
-    config.save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    save_file({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()},
-              os.path.join(path, "model.safetensors"))
-
-
-def attention_check(device, shape):
-    """Packed rows through the attention this device takes (a varlen kernel on CUDA in bf16, else SDPA with a
-    mask) against causal SDPA run sample by sample in fp32: outputs and gradients, GQA, with and without a sliding
-    window. Errors relative to the reference's largest value."""
-    from nanovlm import lm
-    B, T, H, KV, hd = shape
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, T, n, hd, generator=g).to(device, dtype).requires_grad_() for n in (H, KV, KV))
-    lengths = [torch.randint(1, T // 2, (8,), generator=g).tolist() for _ in range(B)]
-    docs = torch.full((B, T), -1, dtype=torch.long)  # documents of random lengths, then padding (-1)
-    for row, ls in enumerate(lengths):
-        ids = torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))[:T - 3]
-        docs[row, :len(ids)] = ids
-    docs, real = docs.to(device), (docs >= 0).to(device)
-    kernel = lm.varlen_kernel(q)
-    result = {"kernel": "flash-attn" if kernel is lm.flash_attn_varlen_func and kernel else
-              "torch.nn.attention.varlen" if kernel else "SDPA with a mask"}
-    for window in (None, T // 4):
-        out = lm.attention(q, k, v, lm.attention_meta(docs, T, window, kernel is not None), window)
-        grads = torch.autograd.grad(out.float()[real].square().sum(), (q, k, v))
-        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-        ref = torch.zeros(B, T, H, hd, device=device)
-        for row in range(B):
-            for d in docs[row][real[row]].unique().tolist():
-                idx = (docs[row] == d).nonzero().flatten()
-                n = len(idx)
-                allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-                if window is not None:
-                    allowed &= torch.arange(n, device=device)[:, None] - torch.arange(n, device=device) < window
-                s = [t[row, idx].transpose(0, 1) for t in (qf, kf, vf)]  # (heads, n, hd)
-                ref[row, idx] = torch.nn.functional.scaled_dot_product_attention(
-                    *s, attn_mask=allowed, enable_gqa=True).transpose(0, 1)
-        ref_grads = torch.autograd.grad(ref[real].square().sum(), (qf, kf, vf))
-        result[f"window={window}"] = {
-            "out": ((out.float() - ref)[real].abs().max() / ref.abs().max()).item(),
-            "grads": max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref_grads))}
-    return result
-
-
-def check(device, quick):
-    """20 bf16 FSDP steps with activation checkpointing and compiled blocks of the CHECK model on packed rows of
-    varying lengths, after the attention check: MFU against the peak, compiles per block, peak memory."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from nanovlm import lm, vision
-    size = CHECK["quick" if quick else "full"]
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "attention": attention_check(device, size["attention"])}
-    print(f"attention ({report['attention']['kernel']}), errors relative to per-sample SDPA in fp32: "
-          + "; ".join(f"{k}: out {v['out']:.1e}, grads {v['grads']:.1e}" for k, v in report["attention"].items()
-                      if k != "kernel"), flush=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with tempfile.TemporaryDirectory() as root:
-        vision_path, lm_path = f"{root}/vision", f"{root}/lm"
-        random_checkpoint(vision_path, tf.CLIPVisionConfig(**size["vision"]), tf.CLIPVisionModel)
-        random_checkpoint(lm_path, tf.LlamaConfig(**size["lm"]), tf.LlamaForCausalLM)
-        device = setup_distributed(device.type)
-        cfg = vlm_config(vision_path, lm_path, pool_stride=size["pool_stride"])
-        start = time.perf_counter()
-        model = build_sharded(cfg, device, vision_path, lm_path, param_dtype=dtype, activation_checkpointing=True,
-                              compile=True, trainable={"vision": False, "projector": True, "lm": True})
-        report["load_s"] = time.perf_counter() - start
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    flops, (peak, peak_source) = FlopCounter(model, False, True, True), peak_flops(device, dtype)
+def lora_vs_full(paths, size, dtype, repeats, device, rank=16):
+    """Finetuning the LM in full against LoRA adapters of `rank` on all its projections (the projector trained in
+    both, the tower frozen), on the fixed batch: gradient + AdamW state bytes, everything held (all weights too),
+    step time (medians, the two alternated)."""
+    from nanovlm import lora
+    from nanovlm.model import load_weights
+    runs = {}
+    for name in ("full", "lora"):
+        with torch.device("meta"):
+            model = VLM(vlm_config(*paths))
+        model.vision.requires_grad_(False)
+        if name == "lora":
+            lora.add_adapters(model, [f"lm.{p}" for p in lora.LM_PROJECTIONS], rank, 2.0 * rank, 0.0)
+        model.to_empty(device=device)
+        load_weights(model, *paths)
+        if name == "lora":
+            lora.init_adapters(model, 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[name] = (model, torch.optim.AdamW(params, lr=1e-5, fused=True), params)
+    batch = {k: v.to(device) for k, v in packed_batch(make_batches(runs["full"][0].cfg, size, ("fixed",))["fixed"],
+                                                      size["max_tokens"]).items()}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    steps = []
-    for step in range(size["steps"]):
-        g = torch.Generator().manual_seed(step)  # every step other prompt and answer lengths: other row shapes
-        specs = [(size["frames"], int(torch.randint(8, 33, (), generator=g)), int(torch.randint(8, 65, (), generator=g)))
-                 for _ in range(16)]
-        samples = make_samples(specs, cfg.tokens_per_frame, cfg.vision.image_size, cfg.lm.vocab_size, seed=step)
-        rows = data.plan_rows([len(s["input_ids"]) for s in samples], [size["frames"]] * len(samples),
-                              size["max_tokens"], 1 << 20, 0, 0, shuffle=False)[:size["rows"]]
-        batch = packed_batch([samples[i] for row in rows for i in row], size["max_tokens"])
-        step_flops = flops(batch["document_ids"], int((batch["targets"] != IGNORE).sum()), len(batch["frames"]))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync(device)
-        start = time.perf_counter()
+
+    def step(name):
+        model, optimizer, _ = runs[name]
         with autocast:
             loss, count = model(**batch)
         (loss / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # the gradients stay until the next step's zero_grad: they are counted below
         sync(device)
-        seconds = time.perf_counter() - start
-        steps.append({"loss": loss.item() / count.item(), "s": seconds, "mfu": step_flops / seconds / peak,
-                      "shape": list(batch["input_ids"].shape), "frames": len(batch["frames"])})
-        print(f"step {step + 1}: {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens, "
-              f"{len(batch['frames'])} frames, loss {steps[-1]['loss']:.3f}, {seconds:.2f} s, MFU "
-              f"{steps[-1]['mfu']:.1%}", flush=True)
-    timed = sorted(steps[len(steps) // 2:], key=lambda s: s["s"])  # the second half: compiled and warm
-    report.update(steps=steps, peak_flops=peak, peak_source=peak_source, mfu=timed[len(timed) // 2]["mfu"],
-                  compiles={name: len(_debug_get_cache_entry_list(block.forward.__code__))
-                            for name, block in (("lm block", lm.Block), ("vision block", vision.Block))},
-                  peak_memory_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-                                  process_memory("VmHWM")) / 1e9)
-    print(f"median MFU over the last {len(timed)} steps: {report['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s "
-          f"({peak_source}); compiles per block: {report['compiles']}; peak memory {report['peak_memory_gb']:.1f} GB; "
-          f"loading {report['load_s']:.1f} s")
-    end_distributed()
-    return report
+
+    seconds = median_seconds({name: (lambda n=name: (runs[n][1].zero_grad(), step(n))) for name in runs}, repeats,
+                             device)
+    result = {"rank": rank, "dtype": str(dtype).removeprefix("torch."), "step_s": seconds}
+    for name, (model, optimizer, params) in runs.items():
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.ndim)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        result[name] = {"trained_params": sum(p.numel() for p in params), "grad_optimizer_bytes": grads + state,
+                        "held_bytes": weights + grads + state}
+    result["grad_optimizer_ratio"] = result["lora"]["grad_optimizer_bytes"] / result["full"]["grad_optimizer_bytes"]
+    result["held_ratio"] = result["lora"]["held_bytes"] / result["full"]["held_bytes"]
+    result["step_ratio"] = seconds["lora"] / seconds["full"]
+    return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="nanovlm training speed vs transformers' LLaVA; prints a table, "
-                                                 "writes JSON. --check: the GPU paths, on the device at hand")
+                                                 "writes JSON (the GPU paths: python -m nanovlm.check)")
     parser.add_argument("--quick", action="store_true", help="tiny towers and batches (seconds; the tests use it)")
-    parser.add_argument("--check", action="store_true", help="attention kernels + 20 bf16 FSDP steps, AC, compile")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per figure (their median)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
@@ -565,11 +480,8 @@ def main(argv=None):
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     command = " ".join(["python -m nanovlm.bench", *(argv if argv is not None else sys.argv[1:])])
-    if args.check:
-        report = {"command": command, **check(device, args.quick)}
-    else:
-        report = {"command": command, **measure(args, device)}
-        print_table(report)
+    report = {"command": command, **measure(args, device)}
+    print_table(report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
@@ -590,6 +502,7 @@ def measure(args, device):
         model = from_pretrained(*paths, device=device)
         report["checkpointing"] = checkpointing(model, size, dtypes[-1], args.repeats, device)
         del model
+        report["lora"] = lora_vs_full(paths, size, dtypes[-1], args.repeats, device)
         if device.type == "cpu":  # gloo ranks on the same cores
             report["ranks"] = [ranks(paths, size, args.repeats, world_size) for world_size in (1, 2)]
         report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats, size["clips"])
@@ -615,6 +528,11 @@ def print_table(report):
               f" GB ({m['step_saved']:.0%} less)")
     print(f"  step time at {ck['frames_timed']} frames: {ck['step_s']['off']:.2f} s -> {ck['step_s']['on']:.2f} s "
           f"({ck['time_cost']:+.0%})")
+    lo = report["lora"]
+    print(f"LoRA rank {lo['rank']} on every LM projection vs the LM in full ({lo['dtype']}): gradient + AdamW "
+          f"state {lo['lora']['grad_optimizer_bytes'] / 1e6:.1f} vs {lo['full']['grad_optimizer_bytes'] / 1e6:.1f} MB "
+          f"({lo['grad_optimizer_ratio']:.1%}); all held {lo['held_ratio']:.1%}; step "
+          f"{lo['step_s']['lora']:.2f} vs {lo['step_s']['full']:.2f} s ({lo['step_ratio']:.2f}x)")
     for r in report.get("ranks", []):
         print(f"{r['ranks']} rank(s) x {r['threads_per_rank']} threads: {r['tokens_per_s']:,.0f} tokens/s, "
               f"parameters + optimizer {r['param_optimizer_bytes_per_rank'] / 1e9:.3f} GB per rank")

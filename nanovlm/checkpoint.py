@@ -23,7 +23,7 @@ What is notable:
 - Any number of ranks can load a checkpoint: DCP reshards weights and optimizer state to the loading ranks'
   layout. RNG states are per rank (torch CPU, CUDA, python, numpy): on the same number of ranks rank r gets its
   own back and the run continues bit for bit; on another number, load() says so, and the caller re-derives them.
-- save/load/export_safetensors are collective (call them on every rank) and need a process group, even
+- save/load/gather/write_safetensors are collective (call them on every rank) and need a process group, even
   with one process (the trainer always starts one, gloo on CPU). latest() is collective too when a process
   group exists: rank 0 repairs, then every rank reads the same directory listing.
 """
@@ -141,18 +141,23 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return marker.get("extra", {}), same_world
 
 
-def export_safetensors(model: torch.nn.Module, path: str, names) -> None:
-    """Rank 0 writes the named parameters, gathered to full (unsharded) CPU tensors one at a time, to a
-    .safetensors file. Collective: every rank gathers each parameter in the same order."""
-    params, weights = dict(model.named_parameters()), {}
-    for name in names:
+def gather(model: torch.nn.Module, names) -> dict:
+    """The named parameters as full (unsharded) CPU tensors on rank 0 ({} elsewhere), gathered one at a time.
+    Collective: every rank gathers each parameter in the same order."""
+    params, full = dict(model.named_parameters()), {}
+    for name in dict.fromkeys(names):
         p = params[name]
-        full = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        tensor = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
         if dist.get_rank() == 0:
-            weights[name] = full.cpu().contiguous()
+            full[name] = tensor.cpu().contiguous()
+    return full
+
+
+def write_safetensors(tensors: dict, path: str) -> None:
+    """Rank 0 writes tensors to a .safetensors file, atomically (a temporary file renamed into place)."""
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(weights, path + ".tmp", metadata={"format": "pt"})
+        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
     dist.barrier()
 

@@ -443,8 +443,11 @@ def make_loader(dataset, sampler, num_workers=2, pad_to_multiple=8, pin_memory=F
     (on CUDA): batches land in page-locked memory, so the trainer's non_blocking copies really overlap."""
     collate_fn = functools.partial(collate, image_size=dataset.preprocess.size,
                                    pad_id=dataset.tokenizer.pad_token_id or 0, pad_to_multiple=pad_to_multiple)
+    # a generator of its own: the workers' seeds never come from, nor advance, the trainer's global RNG (which a
+    # resumed run restores, and LoRA's dropout draws from)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      collate_fn=collate_fn, worker_init_fn=return_freed_memory, pin_memory=pin_memory)
+                      collate_fn=collate_fn, worker_init_fn=return_freed_memory, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class TrainBatches:
@@ -518,7 +521,7 @@ def eval_batches(dataset, batch_size, rank, world_size, max_samples=0, *, num_wo
     collate_fn = functools.partial(_collate_with_prompts, image_size=dataset.preprocess.size,
                                    pad_id=dataset.tokenizer.pad_token_id or 0)
     return DataLoader(_WithPrompts(dataset), batch_sampler=keys, num_workers=num_workers, collate_fn=collate_fn,
-                      worker_init_fn=return_freed_memory)
+                      worker_init_fn=return_freed_memory, generator=torch.Generator().manual_seed(0))
 
 
 def normalize_answer(text):

@@ -250,7 +250,7 @@ def load_into(module: torch.nn.Module, path: str, table, ignored, prefixes=("",)
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in ckpt.files)), None)
     if prefix is None:
         raise KeyError(f"{path}: no tensor starts with any of {prefixes}")
-    params = dict(module.named_parameters())
+    params = {n: p for n, p in module.named_parameters() if "lora_" not in n}  # LoRA adapters: initialised, not loaded
     # 1. the checkpoint has every tensor the table names, with a float dtype and a shape that fits its rows
     rows = {name: [] for name in params}
     for hf_key, our_key, row in table:

@@ -314,6 +314,39 @@ class Cache:
         self.lengths = self.lengths + (docs >= 0).sum(1)  # a new tensor: callers may hold the old (positions)
         return AttnMeta(mask=allowed[:, None], slots=slots, end=end)
 
+    # Continuous batching (nanovlm/engine.py): new requests are prefilled in a Cache of their own, then moved into rows
+    # of the running batch's Cache, which decodes only its rows up to the last busy one.
+
+    def insert(self, row, other, other_row=0):
+        """Put row `other_row` of `other` (prefilled prompts) into row `row`, forgetting what that row held."""
+        n = int(other.lengths[other_row])
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine.k is None:
+                mine.k, mine.v = theirs.k.new_zeros(mine.shape), theirs.v.new_zeros(mine.shape)
+            mine.k[row, :n], mine.v[row, :n] = theirs.k[other_row, :n], theirs.v[other_row, :n]
+        self.document_ids[row], self.positions[row] = -1, 0
+        self.document_ids[row, :n] = other.document_ids[other_row, :n]
+        self.positions[row, :n] = other.positions[other_row, :n]
+        self.lengths[row] = n
+
+    def release(self, row):
+        """Row `row` holds nothing (its slots are masked out until the next insert)."""
+        self.document_ids[row], self.lengths[row] = -1, 0
+
+    def rows(self, n):
+        """A Cache over rows [0, n) that shares this one's keys, values and slot tables (once an insert has
+        allocated them). A forward gives it lengths of its own (advance makes a new tensor): copy them back with
+        `self.lengths[:n] = view.lengths`."""
+        view = object.__new__(Cache)
+        view.layers = []
+        for layer in self.layers:
+            part = KVCache((n, *layer.shape[1:]))
+            part.k, part.v = (None, None) if layer.k is None else (layer.k[:n], layer.v[:n])
+            view.layers.append(part)
+        view.lengths, view.document_ids, view.positions = self.lengths[:n], self.document_ids[:n], self.positions[:n]
+        view.window = self.window
+        return view
+
 
 class LM(nn.Module):
     def __init__(self, cfg: LMConfig):

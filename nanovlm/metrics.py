@@ -31,8 +31,9 @@ def datasheet_peak(name):
 
 
 def measured_matmul_peak(device, dtype, size=1024, seconds=0.5):
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run must find it where it was saved
+    a = torch.randn(size, size, generator=g).to(device, dtype)
+    b = torch.randn(size, size, generator=g).to(device, dtype)
     a @ b  # warm-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

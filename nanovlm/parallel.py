@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from nanovlm.lora import add_adapters, init_adapters
 from nanovlm.model import VLM, VLMConfig, load_weights
 
 
@@ -58,17 +59,22 @@ def parallelize(model: VLM, mesh, param_dtype=torch.float32, activation_checkpoi
     return model
 
 
-def build_sharded(cfg: VLMConfig, device, vision_path, lm_path, seed=0, trained=None, *, trainable=None,
+def build_sharded(cfg: VLMConfig, device, vision_path, lm_path, seed=0, trained=None, *, trainable=None, lora=None,
                   param_dtype=torch.float32, activation_checkpointing=False, compile=False):
     """The FSDP-sharded model over all ranks of the process group, its weights loaded: built on the meta device,
-    frozen where `trainable` ({"vision": bool, "projector": bool, "lm": bool}) says so, parallelized, allocated
-    shard by shard, then each rank reads its rows of the towers (and of a run's trained.safetensors)."""
+    frozen where `trainable` ({"vision": bool, "projector": bool, "lm": bool}) says so, LoRA adapters added where
+    `lora` ({"targets", "rank", "alpha", "dropout"}) says, parallelized, allocated shard by shard, then each rank
+    reads its rows of the towers (and of what the stage starts from)."""
     with torch.device("meta"):
         model = VLM(cfg)
     for part, trains in (trainable or {}).items():
         getattr(model, part).requires_grad_(trains)
+    if lora:
+        add_adapters(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
     parallelize(model, mesh, param_dtype, activation_checkpointing, compile)
     model.to_empty(device=device)
     load_weights(model, vision_path, lm_path, seed, trained)
+    if lora:
+        init_adapters(model, seed)
     return model

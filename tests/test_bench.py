@@ -50,13 +50,16 @@ def test_memory_ranks_and_data(report):
     assert two["param_optimizer_bytes_per_rank"] <= 0.55 * one["param_optimizer_bytes_per_rank"]
     assert report["data"]["full_clips_per_s"] > 0 and report["data"]["raw_clips_per_s"] > 0
     assert report["data"]["size"] == 224  # SSv2-sized clips (427x240 VP9) resized to a 224 px tower
+    lora = report["lora"]  # LoRA trains a sliver: far less gradient and optimizer state than the LM in full
+    assert lora["lora"]["trained_params"] < lora["full"]["trained_params"]
+    assert lora["grad_optimizer_ratio"] < 1 and lora["held_ratio"] < 1 and lora["step_s"]["lora"] > 0
 
 
 def test_check_runs_the_gpu_paths_on_this_device(tmp_path):
-    """`python -m nanovlm.bench --check` is what a GPU machine runs (varlen attention against per-sample SDPA,
-    bf16 FSDP steps with activation checkpointing and compiled blocks); --quick on the CPU runs the same code."""
+    """`python -m nanovlm.check` is what a GPU machine runs (varlen attention against per-sample SDPA, bf16 FSDP
+    steps with activation checkpointing and compiled blocks); --quick on the CPU runs the same code."""
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, "-m", "nanovlm.bench", "--check", "--device=cpu", "--quick",
+    result = subprocess.run([sys.executable, "-m", "nanovlm.check", "--device=cpu", "--quick",
                              f"--out={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stderr[-3000:]

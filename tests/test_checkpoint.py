@@ -62,7 +62,7 @@ def worker(rank: int, world: int, root: str, phase: str) -> None:
             checkpoint.save(ckpt_root, step, model, optimizer, {"step": step}, keep_last=2)
         losses = [train_step(model, optimizer) for _ in range(M_STEPS)]
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        checkpoint.export_safetensors(model, os.path.join(root, "model.safetensors"), trainable)
+        checkpoint.write_safetensors(checkpoint.gather(model, trainable), os.path.join(root, "model.safetensors"))
         full = {name: p.full_tensor() for name, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
             exported = load_file(os.path.join(root, "model.safetensors"))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import run_args
@@ -17,13 +18,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def start(args, log_dir, nproc=2):
-    """torchrun train.py in the background, output to files (a pipe nobody reads could fill and block it)."""
-    os.makedirs(log_dir, exist_ok=True)
-    out, err = open(os.path.join(log_dir, "stdout"), "w"), open(os.path.join(log_dir, "stderr"), "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train.py"), *args]
-    return subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV, start_new_session=True)
+TRACKED = set()  # every pid a test of this file started or found: killed at its end, pass or fail
+
+
+@pytest.fixture
+def start():
+    """torchrun train.py in the background, output to files (a pipe nobody reads could fill and block it). At the
+    end of the test, pass or fail, every process it started or looked at is killed (stopped ones too: SIGKILL works
+    on them): launchers, ranks, DataLoader workers, also those whose launcher is gone."""
+    def launch(args, log_dir, nproc=2):
+        os.makedirs(log_dir, exist_ok=True)
+        out, err = open(os.path.join(log_dir, "stdout"), "w"), open(os.path.join(log_dir, "stderr"), "w")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "train.py"), *args]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV, start_new_session=True)
+        TRACKED.add(proc.pid)
+        return proc
+
+    yield launch
+    pids = set(TRACKED)
+    for pid in list(pids):
+        pids.update(children(pid))
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                if "train.py" in f.read():  # not a pid the system has since given to something else
+                    os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    TRACKED.clear()
 
 
 def text(log_dir, name):
@@ -65,6 +88,7 @@ def children(pid):
                     kids = [int(k) for k in f.read().split()]
                 found += kids
                 todo += kids
+                TRACKED.update(kids)
         except FileNotFoundError:
             pass
     return found
@@ -76,7 +100,9 @@ def ranks(launcher):
     for task in os.listdir(f"/proc/{launcher}/task"):
         with open(f"/proc/{launcher}/task/{task}/children") as f:
             pids += [int(k) for k in f.read().split()]
-    return [p for p in pids if "train.py" in open(f"/proc/{p}/cmdline").read()]
+    pids = [p for p in pids if "train.py" in open(f"/proc/{p}/cmdline").read()]
+    TRACKED.update(pids)
+    return pids
 
 
 def alive(pid):
@@ -87,7 +113,7 @@ def alive(pid):
         return False
 
 
-def test_lock_preemption_and_a_killed_launcher(synthetic, tmp_path):
+def test_lock_preemption_and_a_killed_launcher(synthetic, tmp_path, start):
     args = lambda out, **kw: run_args(synthetic, out, max_steps=12, **{"ckpt_interval": 100, **kw})  # noqa: E731
     reference = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                 os.path.join(ROOT, "train.py"), *args(tmp_path / "ref")], capture_output=True,

@@ -192,7 +192,7 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size
 @pytest.mark.parametrize("window", [None, 3])
 def test_varlen_path_equals_masked_sdpa(monkeypatch, kernel, window):
     """The CUDA varlen branch of attention(), run on CPU with a reference kernel of the same signature (the GPU
-    check `python -m nanovlm.bench --device cuda` compares the real kernels): segments follow documents and rows,
+    check `python -m nanovlm.check --device cuda` compares the real kernels): segments follow documents and rows,
     GQA and the sliding window as SDPA with the explicit mask has them."""
     import nanovlm.lm as lm_module
     document_ids = torch.tensor([[0, 0, 1, 1, 1, 1, 1, -1], [0, 0, 0, 0, 0, 1, 1, 1]])

@@ -153,7 +153,7 @@ def test_sharded_loading_reads_only_each_ranks_rows(synthetic, tmp_path):
     """A random ~0.55B Llama (bf16 on disk, as published checkpoints are) loaded into fp32 on 2 ranks: each rank's
     peak memory is its half plus the libraries, and every parameter is the checkpoint's, tensors fused as the key
     table says."""
-    from nanovlm.bench import random_checkpoint
+    from nanovlm.check import random_checkpoint
     random_checkpoint(tmp_path / "llama", tf.LlamaConfig(**LLAMA_05B), tf.LlamaForCausalLM)
     cfg = hf.lm_config(hf.read_config(tmp_path / "llama"), "")
     full_bytes = 4 * (2 * cfg.vocab_size * cfg.dim + cfg.n_layers * (
