@@ -601,13 +601,10 @@ def train_loop(model, optimizer, batches, val_sets, tokenizer, c: Config, device
             logger.log(metrics)
         if step % c.eval_interval == 0 or step == c.max_steps:
             metrics = {"step": step, **evaluate(model, val_sets, tokenizer, device, autocast, c, logger.writer, step)}
-            for name, _, _ in val_sets:
-                m = {key[len(name) + 1:] if name else key: v for key, v in metrics.items() if not name or
-                     key.startswith(f"{name}/")}
-                if "val_loss" in m:
-                    print0(f"\nstep {step}: {name + ' ' if name else ''}val loss {m['val_loss']:.4f}, accuracy "
-                           f"{m['val_accuracy']:.3f}" + (f", top-1 {m['val_top1']:.3f} (frames shuffled: "
-                                                           f"{m['val_top1_shuffled']:.3f})" if "val_top1" in m else ""))
+            for name in [key[:-len("val_loss")] for key in metrics if key.endswith("val_loss")]:  # "", "ssv2/", ...
+                print0(f"\nstep {step}: {name}val loss {metrics[name + 'val_loss']:.4f}, accuracy "
+                       f"{metrics[name + 'val_accuracy']:.3f}" + (f", top-1 {metrics[name + 'val_top1']:.3f} (frames "
+                       f"shuffled: {metrics[name + 'val_top1_shuffled']:.3f})" if name + "val_top1" in metrics else ""))
             logger.log(metrics)
         [preempted] = all_reduce([preemption is not None and preemption.requested], device)  # all stop together
         if step % c.ckpt_interval == 0 or step == c.max_steps or preempted:

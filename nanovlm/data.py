@@ -623,7 +623,6 @@ def bench():
     parser.add_argument("--template", default="plain", choices=TEMPLATES)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--fps", type=float, default=0.0, help="> 0: frames by time, at most --frames")
     parser.add_argument("--mixed", action="store_true", help="turn a video JSON into clips, images and 2-clip "
                         "samples (mixed_records)")
     parser.add_argument("--batch", type=int, default=4, help="rows per batch, one sample per row")
@@ -637,12 +636,11 @@ def bench():
             with open(data, "w") as f:
                 json.dump(mixed_records(read_records(args.data), args.media_root, scratch), f)
         dataset = VLMDataset(data, args.media_root, tokenizer, args.vision, args.template, args.frames,
-                             tokens_per_frame=1, max_tokens=1 << 20, train=True, fps=args.fps, max_frames=args.frames)
+                             tokens_per_frame=1, max_tokens=1 << 20, train=True)
         full, raw = loader_speed(dataset, args.batch, args.workers, args.epochs)
     kinds = {kind for i in range(len(dataset)) for kind, _, _ in dataset.media(i)}
-    print(f"{len(dataset)} samples ({' and '.join(sorted(kinds))}s, {sum(dataset.frame_counts)} frames), "
-          f"{args.frames} frames a clip{f' at most, {args.fps} fps' if args.fps else ''} -> "
-          f"{dataset.preprocess.size}px, {args.workers} workers")
+    print(f"{len(dataset)} samples ({', '.join(sorted(kinds))}; {sum(dataset.frame_counts)} frames), {args.frames} "
+          f"frames a clip -> {dataset.preprocess.size}px, {args.workers} workers")
     print(f"raw decode:    {raw:8.1f} samples/s")
     print(f"full pipeline: {full:8.1f} samples/s  ({full / raw:.2f}x raw)")
 

@@ -33,37 +33,33 @@ def to_llava(record):
     parts becomes its text parts and a placeholder per {"type": "image"/"video"} part, joined by newlines, the
     part's path ("path", "url" or its type's key) taken in order. `images`/`videos` are `image`/`video`. Raises
     ValueError (one line) for a `messages` record that is not of that form."""
-    if not isinstance(record, dict) or not ("messages" in record or "images" in record or "videos" in record):
+    if not isinstance(record, dict) or not {"messages", "images", "videos"} & record.keys():
         return record
     out = {k: v for k, v in record.items() if k not in ("messages", "images", "videos")}
-    for kind in ("image", "video"):
-        if kind + "s" in record and kind not in record:
-            out[kind] = record[kind + "s"]
-    if "messages" not in record:
+    out.update({kind: record[kind + "s"] for kind in ("image", "video") if kind + "s" in record and kind not in out})
+    messages, paths = record.get("messages"), {"image": [], "video": []}
+    if messages is None:
         return out
-    messages, turns, parts_media = record["messages"], [], {"image": [], "video": []}
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), (str, list)) for m in messages):
         raise ValueError("every message of 'messages' must be {'role': str, 'content': str or a list of parts}")
+    out["conversations"] = []
     for m in messages:
         pieces = [m["content"]] if isinstance(m["content"], str) else []
-        for part in [] if isinstance(m["content"], str) else m["content"]:
+        for part in [] if pieces else m["content"]:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
-            elif kind in ("image", "video"):
-                pieces.append(f"<{kind}>")
-                path = part.get("path") or part.get("url") or part.get(kind)
-                parts_media[kind] += [path] if isinstance(path, str) else []
-            else:
+            if kind not in ("text", "image", "video") or kind == "text" and not isinstance(part.get("text"), str):
                 raise ValueError(f"a content part of a {m['role']!r} message is {part!r}; expected "
                                  "{'type': 'text', 'text': str} or {'type': 'image'/'video', 'path': str}")
-        turns.append({"from": m["role"], "value": "\n".join(pieces)})
-    out["conversations"] = turns
-    for kind, paths in parts_media.items():
-        if paths and kind in out:
+            pieces.append(part["text"] if kind == "text" else f"<{kind}>")
+            path = part.get("path") or part.get("url") or part.get(kind)
+            if kind != "text" and isinstance(path, str):
+                paths[kind].append(path)
+        out["conversations"].append({"from": m["role"], "value": "\n".join(pieces)})
+    for kind in ("image", "video"):
+        if paths[kind] and kind in out:
             raise ValueError(f"'{kind}' paths are given both in the message parts and in the record; give them once")
-        out.update({kind: paths} if paths else {})
+        out.update({kind: paths[kind]} if paths[kind] else {})
     return out
 
 

@@ -237,4 +237,4 @@ def test_run_over_a_mixture_reports_each_validation_set(synthetic, files, tmp_pa
     assert all(f"cannot read {tmp_path / name}" in err for name in ("truncated.jpg", "broken.webm"))
     assert "warning: 2 unreadable samples of validation set 'clips' skipped" in err
     assert "warning: no readable sample in validation set 'text' (2 unreadable): no validation metrics" in err
-    assert "step 2: clips val loss" in result.stdout and "step 2: text val loss" not in result.stdout
+    assert "step 2: clips/val loss" in result.stdout and "step 2: text/val loss" not in result.stdout
