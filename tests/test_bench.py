@@ -21,6 +21,7 @@ def report(tmp_path_factory):
         return json.load(f)
 
 
+@pytest.mark.slow  # the bench --quick takes ~50 s; `pytest -m slow tests/test_bench.py`
 def test_same_weights_give_the_same_loss(report):
     for kind in ("fixed", "video"):
         losses = report["loss_check"][kind]
@@ -29,6 +30,7 @@ def test_same_weights_give_the_same_loss(report):
         assert 3 < losses["nanovlm"] < 8  # a random-init LM over 256 tokens: about ln(256) = 5.5
 
 
+@pytest.mark.slow  # the bench --quick takes ~50 s; `pytest -m slow tests/test_bench.py`
 def test_throughput_rows(report):
     rows = report["throughput"]
     assert {(r["batch"], r["dtype"], r["model"]) for r in rows} == {
@@ -40,6 +42,7 @@ def test_throughput_rows(report):
     assert video["nanovlm"]["shape"][0] == 2 < video["transformers"]["shape"][0] == video["nanovlm"]["samples"]
 
 
+@pytest.mark.slow  # the bench --quick takes ~50 s; `pytest -m slow tests/test_bench.py`
 def test_memory_ranks_and_data(report):
     for peaks in report["checkpointing"]["peak_bytes"].values():
         assert peaks["off"] > 1e8 and peaks["on"] > 1e8  # process RSS: at least the libraries

@@ -123,6 +123,7 @@ def test_camera_pair_grows_and_shrinks(synthetic):
     assert growth["Moving [something] away from the camera"] < 0.4
 
 
+@pytest.mark.slow  # 13 s; the demo itself depends on it (`pytest -m slow tests/test_prepare.py`)
 def test_pretrained_tower_learns_where_the_object_is():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
