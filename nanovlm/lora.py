@@ -51,7 +51,9 @@ def add_adapters(model, names, rank, alpha, dropout):
 
     def hook(layer, args, out):
         x = F.dropout(args[0], dropout, training=layer.training) if dropout else args[0]
-        return out + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * scale
+        h = F.linear(x, layer.lora_A)  # (..., rank)
+        # out + h (B scale)^T in one addmm: no full-width product, scaling and sum as three passes over memory
+        return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), (layer.lora_B * scale).t()).view_as(out)
 
     for layer in layers(model, names).values():
         layer.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, device=layer.weight.device))
