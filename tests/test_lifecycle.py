@@ -166,12 +166,13 @@ def test_lock_preemption_and_a_killed_launcher(synthetic, tmp_path, start):
     rank_pids = ranks(run.pid)
     for pid in rank_pids:
         os.kill(pid, signal.SIGSTOP)
-    everything, seen = children(run.pid), len(logged(out))
+    everything = children(run.pid)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     for pid in rank_pids:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: not any(alive(pid) for pid in everything), 30, "the ranks and their workers to exit")
+    seen = len(logged(out))  # counted once all are gone: a line stopped half-written by SIGSTOP is finished after it
     complete = sorted(d for d in os.listdir(out / "ckpt") if d.startswith("step_"))
     assert complete == ["step_000004"] + (["step_000008"] if seen >= 9 else [])
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -210,6 +210,7 @@ def test_activation_checkpointing_gives_the_same_gradients(synthetic):
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # 17 s; label-set evaluation and eval_only on 2 ranks also run in test_scale.py
 def test_label_set_evaluation_on_two_ranks_and_eval_only(synthetic, tmp_path):
     out = tmp_path / "out"
     args = run_args(synthetic, out, max_steps=2, eval_samples=8, eval_label_set=True)
