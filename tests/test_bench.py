@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    bench.main(["--quick", "--repeats=1", f"--out={out}"])
+    bench.main(["--quick", "--repeats=1", "--dtypes=float32,bfloat16", f"--out={out}"])
     with open(out) as f:
         return json.load(f)
 

@@ -121,7 +121,6 @@ print(status("VmHWM") - before)
 """
 
 
-@pytest.mark.slow  # 21 s; `pytest -m slow tests/test_scoring.py`
 def test_scoring_memory_does_not_grow_with_the_label_set(tmp_path):
     """174 candidates (SSv2's label set) against 8, the same prompts: the prompts' cache is never copied, and the
     candidates go through in chunks of whole candidates that continue it side by side."""
