@@ -505,16 +505,27 @@ def measure(args, device):
     report = {"machine": {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": tf.__version__,
                           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}, "size": size}
+    seconds = report["seconds"] = {}
+    start = time.perf_counter()
+
+    def done(section):  # the wall-clock of each section, so a slow one shows in the report
+        seconds[section] = round(time.perf_counter() - start - sum(seconds.values()), 1)
+
     with tempfile.TemporaryDirectory() as root:
         paths = make_towers(root, size)
         report["throughput"], report["loss_check"] = throughput(paths, size, dtypes, args.repeats, device)
+        done("throughput")
         model = from_pretrained(*paths, device=device)
         report["checkpointing"] = checkpointing(model, size, dtypes[-1], args.repeats, device)
         del model
+        done("checkpointing")
         report["lora"] = lora_vs_full(paths, size, dtypes[-1], args.repeats, device)
-        if device.type == "cpu":  # gloo ranks on the same cores
-            report["ranks"] = [ranks(paths, size, args.repeats, world_size) for world_size in (1, 2)]
+        done("lora")
+        if device.type == "cpu":  # gloo ranks on the same cores; one timed step: the figure is memory per rank
+            report["ranks"] = [ranks(paths, size, 1, world_size) for world_size in (1, 2)]
+            done("ranks")
         report["data"] = data_pipeline(os.path.join(root, "data"), size["frames"], 2, args.repeats, size["clips"])
+        done("data")
     return report
 
 
@@ -548,6 +559,7 @@ def print_table(report):
     d = report["data"]
     print(f"data: {d['full_clips_per_s']:.1f} clips/s full pipeline vs {d['raw_clips_per_s']:.1f} raw decoding "
           f"({d['full_over_raw']:.2f}x), {d['frames']} frames, {d['workers']} workers")
+    print("seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from tokenizers import AddedToken
 from transformers import LlavaNextVideoConfig
 
 from nanovlm import hf, llava
-from nanovlm.records import VICUNA_SYSTEM, _adds_bos
+from nanovlm.records import VICUNA_SYSTEM, leading_bos
 from nanovlm.generate import load_final
 from nanovlm.media import load_preprocess
 
@@ -101,7 +101,7 @@ def llava_tensors(model, info, new_rows, dtype):
 
 def chat_template(template, tokenizer):
     """The Jinja chat template that renders a conversation as nanovlm's `template` does (records.encode)."""
-    bos = "{{ bos_token }}" if _adds_bos(tokenizer) else ""
+    bos = "{{ bos_token }}" if leading_bos(tokenizer, template) else ""
     turns = {"plain": ("media(m)", "content(m) + eos_token"),  # stage 1: the question is dropped
              "vicuna_v1": ("'USER: ' + content(m) + ' ASSISTANT:'", "' ' + content(m) + eos_token")}
     if template in turns:

@@ -157,13 +157,23 @@ def _adds_bos(tokenizer):
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
+def leading_bos(tokenizer, template):
+    """The text a `plain` or `vicuna_v1` sequence starts with: the tokenizer's BOS where the LM was trained with it
+    (its tokenizer adds it), and for `plain` wherever the tokenizer has one (SmolLM2's <|im_start|>), because
+    `plain` would otherwise begin with visual tokens: a pretrained LM turns the first tokens of a sequence into
+    attention sinks (hidden-state norms of ~10^4 in SmolLM2's middle layers against ~150 after a BOS, README), and
+    a sink's content is all but never read."""
+    has = _adds_bos(tokenizer) or template == "plain" and tokenizer.bos_token_id is not None
+    return tokenizer.bos_token if has else ""
+
+
 def _plain(messages, tokenizer, add_generation_prompt):
     """LLaVA stage-1 pretraining: [bos] + visual tokens + answer + eos; the question is dropped.
     A text-only record becomes [bos] + answer + eos: plain language modelling on the answer."""
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) != (1 if add_generation_prompt else 2):
         raise ValueError(f"the plain template takes one human and one gpt turn, got {len(turns)} turns")
-    prompt = (tokenizer.bos_token if _adds_bos(tokenizer) else "") + "".join(PLACEHOLDER.findall(turns[0]["content"]))
+    prompt = leading_bos(tokenizer, "plain") + "".join(PLACEHOLDER.findall(turns[0]["content"]))
     answer = [] if add_generation_prompt else [(turns[1]["content"] + tokenizer.eos_token, True)]
     return [(prompt, False)] + answer
 
@@ -173,7 +183,7 @@ def _vicuna_v1(messages, tokenizer, add_generation_prompt):
     eos as "</s>" (it is "</s>" for Vicuna/Llama). The answer segment keeps its leading space, so it
     tokenizes the way it does inside the sentence."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else VICUNA_SYSTEM
-    text = (tokenizer.bos_token if _adds_bos(tokenizer) else "") + system + " "
+    text = leading_bos(tokenizer, "vicuna_v1") + system + " "
     segments = []
     for message in messages:
         if message["role"] == "user":

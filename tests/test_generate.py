@@ -281,3 +281,18 @@ def test_smollm2_answers_like_transformers(tmp_path):
             x, positions = lm.embed(token[:, None]), positions[:, -1:] + 1
     assert answer == expected
     assert tokenizer.decode(answer, skip_special_tokens=True) == "The capital of France is Paris."
+    # why the plain template starts with BOS for this LM too (records.leading_bos): 8 stand-ins for visual tokens
+    # (random, at the text embeddings' scale) at the start of the sequence become attention sinks, hidden-state norms
+    # in the thousands in the middle layers; after a BOS the BOS is the sink and they stay at the text tokens' scale
+    answer_ids = tokenizer("Pushing [something] from left to right<|im_end|>", add_special_tokens=False)["input_ids"]
+    embed = reference.get_input_embeddings().weight.detach()
+    visual = torch.randn(8, embed.shape[1], generator=torch.Generator().manual_seed(0)) * embed.std()
+    norms = {}
+    for bos in ([], [tokenizer.bos_token_id]):
+        x = torch.cat([embed[bos], visual, embed[answer_ids]])[None]
+        with torch.no_grad():
+            hidden = reference(inputs_embeds=x, output_hidden_states=True).hidden_states[15][0]  # (T, D)
+        norms[len(bos)] = hidden[len(bos):len(bos) + 8].norm(dim=-1).max().item()
+    print(f"largest hidden-state norm of the 8 visual stand-ins at layer 15: {norms[0]:.0f} first, {norms[1]:.0f} "
+          "after BOS")
+    assert norms[0] > 10 * norms[1]
