@@ -161,7 +161,7 @@ def leading_bos(tokenizer, template):
     """The text a `plain` or `vicuna_v1` sequence starts with: the tokenizer's BOS where the LM was trained with it
     (its tokenizer adds it), and for `plain` wherever the tokenizer has one (SmolLM2's <|im_start|>), because
     `plain` would otherwise begin with visual tokens: a pretrained LM turns the first tokens of a sequence into
-    attention sinks (hidden-state norms of ~10^4 in SmolLM2's middle layers against ~150 after a BOS, README), and
+    attention sinks (hidden-state norms up to ~21,000 in SmolLM2's layer 15 against ~280 after a BOS, README), and
     a sink's content is all but never read."""
     has = _adds_bos(tokenizer) or template == "plain" and tokenizer.bos_token_id is not None
     return tokenizer.bos_token if has else ""
