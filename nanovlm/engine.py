@@ -7,18 +7,21 @@ What is notable:
   padding, no recomputation.
 - Every step decodes one token for each busy row, over the rows up to the last busy one (`Cache.rows`); a free row
   among them takes part as document -1, so it sees nothing and fills nothing. A new request takes the lowest free
-  row, so few requests decode few rows.
+  row, so few requests decode few rows. The greedy rows' next tokens come from one argmax over the step's logits.
 - The attention mask keeps rows apart, so a greedy answer is the one the request gets alone: the same arithmetic,
   though in matmuls of other shapes, whose float rounding the tests check changes no token.
 - Text streams as it is decoded: each step decodes the whole answer so far and sends what is new, holding back a
   half UTF-8 character (as `generate.Printer` does) and the beginning of a stop string.
 - A cancelled request (its client went away) leaves at the next step and frees its row.
+- A medium sent again (the same bytes: a chat resends its video with every turn) is not encoded again: its visual
+  tokens are kept by the medium's key (`Request.media_key`, which the server makes), least recently used first out.
 """
 
 import queue
 import sys
 import threading
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +42,7 @@ class Request:
     stop: tuple = ()
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model says (benchmarks)
+    media_key: object = None  # the same for the same medium (None: not kept)
     cancelled: bool = False  # set by the server when the client goes away
     tokens: list = field(default_factory=list)  # the answer so far (the engine's)
     shown: int = 0  # characters of it sent
@@ -50,8 +54,9 @@ class Stopped(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch=16, max_len=2048, max_queue=64):
+    def __init__(self, model, tokenizer, max_batch=16, max_len=2048, max_queue=64, visual_cache_bytes=0):
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.visual = LRU(visual_cache_bytes)  # media_key -> visual tokens (F * tokens_per_frame, D)
         self.device = model.lm.embed.weight.device
         self.cache = Cache(model.cfg.lm, max_batch, max_len, self.device)
         self.rows = [None] * max_batch  # the request decoding in each row of the cache
@@ -106,6 +111,9 @@ class Engine:
             if batch:
                 self.prefill(batch)
         except Exception:  # again one by one, so that only a request the model cannot run fails
+            for row, request in enumerate(self.rows):
+                if request in batch and not request.tokens:  # placed, then the prefill failed: undone
+                    self.release(row)
             for request in batch:
                 if request.tokens:  # placed before the failure
                     continue
@@ -122,38 +130,55 @@ class Engine:
                 request.generator.manual_seed(request.seed) if request.seed is not None else request.generator.seed()
         input_ids, position_ids, document_ids = right_padded([r.ids for r in batch], self.device)
         cache = Cache(self.model.cfg.lm, len(batch), input_ids.shape[1], self.device)
-        frames = [r.frames for r in batch if r.frames is not None]  # in row order, as their visual tokens are
-        frames = torch.cat(frames).to(self.device) if frames else None
-        logits = self.model(input_ids, frames, None, position_ids, document_ids, cache)  # (B, vocab): last tokens
-        rows = [row for row, r in enumerate(self.rows) if r is None]
+        logits = self.model(input_ids, None, None, position_ids, document_ids, cache,  # (B, vocab): last tokens
+                            visual=self.visual_tokens(batch))
+        rows = [row for row, r in enumerate(self.rows) if r is None][:len(batch)]
         for i, (row, request) in enumerate(zip(rows, batch)):
             self.cache.insert(row, cache, i)
             self.rows[row] = request
-            self.advance(row, logits[i])
+        self.advance(rows, logits)
+
+    def visual_tokens(self, batch):
+        """The visual tokens of the batch's media in row order (None: text only): kept ones, the rest encoded
+        together."""
+        media = [r for r in batch if r.frames is not None]
+        tokens = [self.visual.get(r.media_key) for r in media]
+        new = [i for i, t in enumerate(tokens) if t is None]
+        if new:
+            frames = torch.cat([media[i].frames for i in new]).to(self.device)
+            encoded = self.model.encode_frames(frames, self.model.lm.embed.weight.dtype)
+            for i, t in zip(new, encoded.split([len(media[i].frames) for i in new])):
+                tokens[i] = t.flatten(0, 1)
+                self.visual.put(media[i].media_key, tokens[i])
+        return torch.cat(tokens) if media else None
 
     def step(self):
         """One token for every busy row."""
         n = max(row for row, r in enumerate(self.rows) if r is not None) + 1
-        busy = torch.tensor([r is not None for r in self.rows[:n]])
+        busy = [row for row in range(n) if self.rows[row] is not None]
         tokens = torch.tensor([r.tokens[-1] if r is not None else 0 for r in self.rows[:n]])
+        documents = torch.tensor([0 if r is not None else -1 for r in self.rows[:n]])  # a free row: document -1
         view = self.cache.rows(n)
         logits = self.model(tokens[:, None].to(self.device), None, None, view.lengths[:, None],
-                            (busy.long() - 1)[:, None].to(self.device), view)  # free rows: document -1
+                            documents[:, None].to(self.device), view)
         self.cache.lengths[:n] = view.lengths
-        for row in range(n):
-            if busy[row]:
-                self.advance(row, logits[row])
+        self.advance(busy, logits[busy] if len(busy) < n else logits)
 
-    def advance(self, row, logits):
-        """Take the next token of the request in `row` from its logits (vocab,); send the new text; finish it."""
-        try:
-            self.next_token(row, logits)
-        except Exception as e:  # e.g. a sampling setting that overflows: that request ends
-            self.fail(row, e)
+    def advance(self, rows, logits):
+        """Take the next token of the request in each of `rows` from its logits (len(rows), vocab): the greedy ones
+        in one argmax; send the new text; finish the requests that end."""
+        greedy, lengths = logits.argmax(-1).tolist(), self.cache.lengths.tolist()
+        for i, row in enumerate(rows):
+            request = self.rows[row]
+            try:
+                token = greedy[i] if request.temperature == 0 else int(
+                    sample(logits[i, None].float(), request.temperature, request.top_p, request.generator)[0])
+                self.next_token(row, token, lengths[row])
+            except Exception as e:  # e.g. a sampling setting that overflows: that request ends
+                self.fail(row, e)
 
-    def next_token(self, row, logits):
+    def next_token(self, row, token, length):
         request = self.rows[row]
-        token = int(sample(logits[None].float(), request.temperature, request.top_p, request.generator)[0])
         request.tokens.append(token)
         ended = token == self.tokenizer.eos_token_id and not request.ignore_eos
         text = self.tokenizer.decode(request.tokens[:-1] if ended else request.tokens, skip_special_tokens=True)
@@ -161,8 +186,7 @@ class Engine:
         cuts = [text.find(s) for s in request.stop if s in text]
         if cuts:
             text, finish = text[:min(cuts)], "stop"
-        if finish is None and (len(request.tokens) >= request.max_tokens or
-                               int(self.cache.lengths[row]) >= self.max_len):
+        if finish is None and (len(request.tokens) >= request.max_tokens or length >= self.max_len):
             finish = "length"
         if finish is None:
             text = text[:len(text) - held_back(text, request.stop)]
@@ -182,6 +206,29 @@ class Engine:
             traceback.print_exc(file=sys.stderr)
             self.rows[row].emit("error", f"{type(error).__name__}: {error}")
             self.release(row)
+
+
+class LRU:
+    """Tensors by key, least recently used out first once their bytes pass max_bytes. Thread-safe (the server's
+    media threads share one); the key None is never kept."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.size, self.items, self.lock = max_bytes, 0, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self.lock:
+            if key is None or key in self.items:
+                return
+            self.items[key], self.size = value, self.size + value.nbytes
+            while self.size > self.max_bytes:
+                self.size -= self.items.popitem(last=False)[1].nbytes
 
 
 def held_back(text, stops):

@@ -86,30 +86,32 @@ class VLM(nn.Module):
             features = F.avg_pool2d(grid, s, ceil_mode=True).flatten(2).transpose(1, 2)  # (N, (g/s)^2, D)
         return self.projector(features)
 
-    def embed(self, input_ids, frames=None):
+    def embed(self, input_ids, frames=None, visual=None):
         """input_ids (B, T) with VISUAL_TOKEN where visual tokens go -> input embeddings (B, T, D).
         frames=None: no media in this forward on any rank (decoding steps). A tensor, even an empty one: the tower
         runs, on one blank frame if there is none, whose tokens are added times zero. Every vision block is an
         FSDP unit, so a rank whose batch holds only text (or whose media all failed) must still take part in
-        the tower's all-gathers and gradient reductions, or its peers hang."""
+        the tower's all-gathers and gradient reductions, or its peers hang. visual: instead of frames, their
+        tokens already encoded (N * tokens_per_frame, D), as the serving engine keeps them for media sent again."""
         x = self.lm.embed(input_ids.clamp_min(0))
-        if frames is None:
-            return x
-        if frames.shape[0] == 0:
-            blank = torch.zeros(1, 3, *frames.shape[2:], dtype=frames.dtype, device=frames.device)
-            return x + 0 * self.encode_frames(blank, x.dtype).sum()
-        visual = self.encode_frames(frames, x.dtype).flatten(0, 1)  # (N * tokens_per_frame, D)
+        if visual is None:
+            if frames is None:
+                return x
+            if frames.shape[0] == 0:
+                blank = torch.zeros(1, 3, *frames.shape[2:], dtype=frames.dtype, device=frames.device)
+                return x + 0 * self.encode_frames(blank, x.dtype).sum()
+            visual = self.encode_frames(frames, x.dtype).flatten(0, 1)  # (N * tokens_per_frame, D)
         slots = input_ids == VISUAL_TOKEN
         torch._assert_async(slots.sum() == visual.shape[0], "visual token count differs from the frames given")
         return x.masked_scatter(slots[..., None], visual.to(x.dtype))
 
     def forward(self, input_ids, frames=None, targets=None, position_ids=None, document_ids=None, cache=None,
-                per_token=False):
+                per_token=False, visual=None):
         """Without targets: logits (B, T, vocab); with a KV cache, (B, vocab) of each row's last real new token.
         With targets (B, T), already shifted (targets[t] is the token to predict at t, IGNORE where unsupervised):
         (summed cross-entropy, number of supervised tokens), or with per_token the (B, T) losses (0 where
         unsupervised)."""
-        h = self.lm(self.embed(input_ids, frames), position_ids, document_ids, cache)
+        h = self.lm(self.embed(input_ids, frames, visual), position_ids, document_ids, cache)
         if targets is None:
             if cache is None:
                 return self.lm.logits(h)

@@ -12,6 +12,8 @@ What is notable:
 - Every limit is a setting (`Limits`, the flags below) and every refusal is OpenAI's error object naming the
   offending field, e.g. `messages[0].content[1].video_url`: 400 malformed, 404 unknown model, 413 over a size
   limit, 429 queue full, 503 shutting down.
+- A medium sent again (a chat resends its video with every turn) is neither decoded nor encoded again: its frames
+  are kept here and its visual tokens by the engine, by a key of its bytes (`--media-cache-bytes` each).
 - SIGTERM (uvicorn's graceful shutdown): no new connections; running and queued requests finish; then it exits.
 """
 
@@ -20,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import copy
+import hashlib
 import io
 import json
 import os
@@ -43,7 +46,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from nanovlm.data import PLACEHOLDER, encode, expand_visual
-from nanovlm.engine import Engine, Request, Stopped
+from nanovlm.engine import LRU, Engine, Request, Stopped
 from nanovlm.generate import load_final
 from nanovlm.media import load_image, load_preprocess, load_video
 
@@ -58,6 +61,7 @@ class Limits:
     max_tokens: int = 512  # cap on max_tokens / max_completion_tokens (400); the default when a request has none
     media_timeout: float = 10.0  # seconds to fetch an http(s) medium
     allowed_media_dir: tuple = ()  # local paths and file:// URLs must lie under one of these (else 400)
+    media_cache_bytes: int = 256 << 20  # kept for media sent again: this many bytes of frames, and of their tokens
 
 
 class APIError(Exception):
@@ -196,9 +200,23 @@ def read_media(url, where, limits):
     return path
 
 
-def load_media(kind, url, where, num_frames, pre, limits):
-    """-> frames (F, 3, S, S) uint8. Runs in the media thread pool."""
+def load_media(kind, url, where, num_frames, pre, limits, cache):
+    """-> (frames (F, 3, S, S) uint8, the medium's key): decoded, or kept from an earlier request with the same
+    medium (its bytes' SHA-256, or a local file's path, size and mtime). Runs in the media thread pool."""
     source = read_media(url, where, limits)
+    if isinstance(source, bytes):
+        key = kind, hashlib.sha256(source).digest()
+    else:
+        stat = os.stat(source)
+        key = kind, source, stat.st_size, stat.st_mtime_ns
+    frames = cache.get(key)
+    if frames is None:  # only media that decoded are kept, so a kept one has passed every check
+        frames = decode_source(kind, source, where, num_frames, pre, limits)
+        cache.put(key, frames)
+    return frames, key
+
+
+def decode_source(kind, source, where, num_frames, pre, limits):
     if kind == "video" and isinstance(source, bytes):  # decoded from a file, as training and generate decode
         with tempfile.NamedTemporaryFile(suffix=".video") as file:
             file.write(source)
@@ -261,6 +279,7 @@ class Server:
         self.engine, self.tokenizer, self.info, self.limits, self.name = engine, tokenizer, info, limits, name
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="nanovlm-media")
         self.pre = load_preprocess(info["vision_path"])
+        self.media_cache = LRU(limits.media_cache_bytes)  # decoded frames by medium (the engine keeps their tokens)
 
     async def read_body(self, request):
         limit, size = self.limits.max_request_bytes, request.headers.get("content-length", "")
@@ -293,10 +312,10 @@ class Server:
               f"and max_tokens is {settings['max_tokens']}: over the context of {engine.max_len} tokens "
               "(--max-model-len)", "messages")
         loop = asyncio.get_running_loop()
-        frames = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"], self.pre,
-                                            limits) if media else None
+        frames, key = await loop.run_in_executor(self.pool, load_media, *media[0][:3], self.info["num_frames"],
+                                                 self.pre, limits, self.media_cache) if media else (None, None)
         job = Request(ids, frames, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
-                      **settings)
+                      media_key=key, **settings)
         try:
             engine.submit(job)
         except queue.Full:
@@ -439,7 +458,7 @@ def main(argv=None):
     name = served_name(args.ckpt)
     # the engine decodes on its thread while handlers encode on theirs: a tokenizer each (Rust objects are not shared)
     engine = Engine(model, copy.deepcopy(tokenizer), args.max_batch, context_length(model.cfg.lm, args.max_model_len),
-                    args.max_queue)
+                    args.max_queue, limits.media_cache_bytes)
     app = make_app(Server(engine, tokenizer, info, limits, name))
     sock = socket.create_server((args.host, args.port))
     print(f"nanovlm.serve: {name} on http://{args.host}:{sock.getsockname()[1]}/ ({args.device}, "

@@ -7,11 +7,9 @@ import base64
 import http.client
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +25,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import prepare
-from nanovlm import generate
+from nanovlm import generate, serve_bench
 from nanovlm.data import encode, expand_visual
-from nanovlm.engine import Engine, Request, held_back
+from nanovlm.engine import LRU, Engine, Request, held_back
 from nanovlm.generate import load_final, prompt_ids
 from nanovlm.media import load_image, load_preprocess, load_video
-from nanovlm.serve import APIError, parse_messages, prompt
+from nanovlm.serve import APIError, Limits, load_media, parse_messages, prompt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, NUM_FRAMES = 32, 4
@@ -84,16 +82,12 @@ def demo(tmp_path_factory):
 
 
 def start_server(demo, *options):
-    """The real command on a free port -> (process, base URL), once it has said where it listens."""
-    command = [sys.executable, "-m", "nanovlm.serve", "--ckpt", str(demo / "run" / "final"), "--port", "0",
-               "--allowed-media-dir", str(demo / "media"), *options]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([process.stdout], [], [], 120)
-    line = process.stdout.readline() if ready else ""
-    if "http://" not in line:
-        process.kill()
-        pytest.fail(f"the server did not start: {line!r}")
-    return process, line.split(" on ")[1].split("/ ")[0]
+    """The real command on a free port -> (process, base URL)."""
+    try:
+        return serve_bench.start_server(str(demo / "run" / "final"), "--allowed-media-dir", str(demo / "media"),
+                                        *options, cwd=REPO, timeout=120)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def stop_server(process):
@@ -483,3 +477,63 @@ def test_engine_rows_are_independent(demo, reference):
         assert "".join(e[1] for e in events if e[0] == "text") == tokenizer.decode(alone, skip_special_tokens=True)
         assert events[-1] == ("done", "length", max_tokens)
     assert engine.cache.lengths.tolist() == [0, 0, 0] and (engine.cache.document_ids == -1).all()
+
+
+def test_media_sent_again_is_neither_decoded_nor_encoded_again(demo, reference, tmp_path):
+    """The server keeps decoded frames by the medium's bytes (a local file by path, size and mtime: rewritten, it is
+    decoded anew); the engine keeps visual tokens by the same key, so the tower runs once for a video asked about
+    twice, and the answers are the ones without any cache."""
+    model, tokenizer, info = reference
+    pre, limits = load_preprocess(info["vision_path"]), Limits(allowed_media_dir=(str(tmp_path),))
+    clip = tmp_path / "clip.webm"
+    shutil.copy(demo / "media" / "clip.webm", clip)
+    frames_cache = LRU(1 << 20)
+    load = partial(load_media, "video", str(clip), "messages[0].content[1].video_url", NUM_FRAMES, pre, limits,
+                   frames_cache)
+    first, key = load()
+    again, same_key = load()
+    data = data_url(clip, "video/webm")
+    from_data, data_key = load_media("video", data, "where", NUM_FRAMES, pre, limits, frames_cache)
+    assert again is first and same_key == key and torch.equal(from_data, first) and data_key != key
+    shutil.copy(demo / "media" / "other.webm", clip)
+    other, other_key = load()
+    assert other_key != key and not torch.equal(other, first)
+
+    calls = []
+    hook = model.vision.register_forward_hook(lambda *_: calls.append(1))
+    ids = prompt_ids(QUESTION, "video", tokenizer, info, model.cfg.tokens_per_frame)
+
+    def answer(engine, frames, key):
+        events = []
+        engine.waiting.put(Request(ids, frames, 8, lambda *event: events.append(event), media_key=key,
+                                   ignore_eos=True))
+        while not engine.waiting.empty() or engine.active:
+            engine.admit(block=False)
+            if engine.active:
+                engine.step()
+        return "".join(e[1] for e in events if e[0] == "text")
+
+    try:
+        with torch.inference_mode():
+            kept, none = Engine(model, tokenizer, 2, 128, visual_cache_bytes=1 << 20), Engine(model, tokenizer, 2, 128)
+            answers = [answer(kept, first, key), answer(kept, first, key), answer(kept, other, other_key)]
+            assert len(calls) == 2  # the first video once, then the other
+            assert answers[:2] == [answer(none, first, key)] * 2 and answers[2] == answer(none, other, other_key)
+            assert len(calls) == 4  # without a cache the tower runs every time
+            for frames, k in ((first, key), (other, other_key)):  # each key holds its own video's tokens
+                assert torch.allclose(kept.visual.get(k), model.encode_frames(frames).flatten(0, 1), atol=1e-6)
+    finally:
+        hook.remove()
+
+
+def test_lru_keeps_the_recently_used_within_its_bytes():
+    cache = LRU(250)
+    for key in "abc":
+        cache.put(key, torch.zeros(100, dtype=torch.uint8))
+        if key == "b":
+            cache.get("a")  # a is now more recent than b
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert cache.size == 200
+    cache.put(None, torch.zeros(1))
+    assert cache.get(None) is None and cache.size == 200
+    assert LRU(0).get("x") is None
