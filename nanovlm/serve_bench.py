@@ -4,9 +4,9 @@
 
 Two servers, each the real command in a process of its own on 127.0.0.1: one that batches (`--max-batch 16`) and one
 that answers one request at a time (`--max-batch 1`, the rest waiting in its queue). Against each, 1, 4 and 16
-clients stream at once (a lean HTTP client by default, `--client openai` for the official one), each sending requests
-one after the other (16 requests a level at least), all asking about the same video (a data URL) with `ignore_eos`, so every answer is
-`--max-tokens` long. Both servers run all along (an idle one only waits on its queue) and each level runs against
+clients stream at once (a lean HTTP client by default, `--client openai` for the official one), each sending
+requests one after the other (16 requests a level at least), all asking about the same video (a data URL) with
+`ignore_eos`, so every answer is `--max-tokens` long. Both servers run all along (an idle one only waits on its queue) and each level runs against
 one, then the other, `--repeats` times, so that both meet the same machine; the table shows the median run.
 tokens/s: completion tokens of all clients / wall-clock time of the level; latency: request sent -> last event;
 TTFT: -> first text. One warm-up request per server first.
